@@ -1,0 +1,166 @@
+"""A bundle is a self-contained folder holding everything needed to run a trained model.
+
+    bundle/
+      model.safetensors   weights of the whole classifier (``backbone.*``, ``head.*``)
+      bundle.json         model spec, classes, preprocessing recipe, calibrator, operating point,
+                          package versions, training summary
+      config.yaml         the resolved run configuration
+
+Nothing is pickled: weights are safetensors and everything else is JSON/YAML, so a bundle from
+anyone can be loaded safely.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from medtl.backbones import create
+from medtl.calibrate import calibrator_from_dict
+from medtl.metrics import OperatingPoint
+from medtl.transforms import build_transforms
+
+FORMAT = "medtl-bundle/1"
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "bundle.json"
+CONFIG_FILE = "config.yaml"
+_VERSIONED = ("medtl", "torch", "torchvision", "monai", "pydicom", "nibabel", "numpy", "scikit-learn", "scipy")
+
+
+class BundleError(ValueError):
+    """A folder that is not a readable medtl bundle."""
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages that shape a model's numbers."""
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def save(
+    path: str | Path,
+    model: torch.nn.Module,
+    *,
+    model_spec: Mapping[str, Any],
+    classes: list[str],
+    positive_index: int | None,
+    preprocessing: Mapping[str, Any],
+    calibrator,
+    operating_point: OperatingPoint | None,
+    config_yaml: str = "",
+    training: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a bundle folder; returns its path."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path / WEIGHTS_FILE))
+    meta = {
+        "format": FORMAT,
+        "model": dict(model_spec),
+        "classes": list(classes),
+        "positive_index": positive_index,
+        "preprocessing": dict(preprocessing),
+        "calibration": calibrator.to_dict(),
+        "operating_point": operating_point.to_dict() if operating_point is not None else None,
+        "versions": package_versions(),
+        "training": dict(training or {}),
+    }
+    (path / META_FILE).write_text(json.dumps(meta, indent=2))
+    (path / CONFIG_FILE).write_text(config_yaml)
+    return path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The parsed ``bundle.json`` of a bundle folder, checked for the format marker."""
+    meta_path = Path(path) / META_FILE
+    if not meta_path.is_file():
+        raise BundleError(f"{path} is not a medtl bundle: {META_FILE} not found")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise BundleError(f"{meta_path}: unknown bundle format {meta.get('format')!r} (expected {FORMAT})")
+    return meta
+
+
+class Predictor:
+    """A loaded bundle: preprocessing, model, calibration and decision rule in one object.
+
+    >>> predictor = medtl.bundle.load("runs/demo/bundle")
+    >>> probs = predictor.predict_proba(["scan1.dcm", "scan2.nii.gz"])
+    """
+
+    def __init__(self, model: torch.nn.Module, meta: Mapping[str, Any], device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.meta = dict(meta)
+        self.device = device
+        self.classes: list[str] = list(meta["classes"])
+        self.positive_index: int | None = meta.get("positive_index")
+        self.preprocessing: dict[str, Any] = dict(meta["preprocessing"])
+        self.calibrator = calibrator_from_dict(meta["calibration"])
+        op = meta.get("operating_point")
+        self.operating_point = OperatingPoint.from_dict(op) if op else None
+
+    def transforms(self):
+        """The evaluation-time MONAI transform chain for one item ``{"image": path}``."""
+        return build_transforms(self.preprocessing, train=False)
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> np.ndarray:
+        """Raw logits for a preprocessed batch ``(B, C, *spatial)``."""
+        return self.model(images.to(self.device)).float().cpu().numpy()
+
+    def calibrate(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities ``(N, C)`` from logits."""
+        return self.calibrator.transform(np.asarray(logits, dtype=np.float64))
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Predicted class indices: the stored operating point on the positive-class probability
+        for binary models, the most probable class otherwise."""
+        probs = np.asarray(probs)
+        if self.operating_point is not None and self.positive_index is not None and probs.shape[1] == 2:
+            positive = probs[:, self.positive_index] >= self.operating_point.threshold
+            return np.where(positive, self.positive_index, 1 - self.positive_index)
+        return probs.argmax(axis=1)
+
+    def predict_proba(self, paths: list[str | Path], *, batch_size: int = 16) -> np.ndarray:
+        """Calibrated probabilities for scan files (research-code convenience; errors raise)."""
+        chain = self.transforms()
+        rows = []
+        for start in range(0, len(paths), batch_size):
+            batch = torch.stack([chain({"image": str(p)})["image"] for p in paths[start : start + batch_size]])
+            rows.append(self.calibrate(self.logits(batch)))
+        return np.concatenate(rows) if rows else np.empty((0, len(self.classes)))
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
+    """Load a bundle folder into a ready :class:`Predictor`."""
+    path = Path(path)
+    meta = read_meta(path)
+    spec = meta["model"]
+    model = create(
+        spec["backbone"],
+        weights="none",
+        in_channels=spec["in_channels"],
+        spatial_dims=spec["spatial_dims"],
+        num_classes=spec["num_classes"],
+    )
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BundleError(f"{path}: {WEIGHTS_FILE} not found")
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    if missing or unexpected:
+        raise BundleError(f"{weights} does not match backbone {spec['backbone']}: missing {missing}, unexpected {unexpected}")
+    return Predictor(model, meta, torch.device(device))

@@ -1,0 +1,29 @@
+"""``medtl evaluate BUNDLE MANIFEST``: the clinical report of a bundle on labelled scans."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="Report a bundle's performance on a labelled manifest.",
+        description="Run a bundle on every labelled scan of a manifest and write report.html, metrics.json and plots "
+        "to --out, using the bundle's stored calibration and operating point.",
+    )
+    p.add_argument("bundle", type=Path, help="Bundle folder written by 'medtl train'.")
+    p.add_argument("manifest", type=Path, help="Manifest CSV with image and label columns (site optional).")
+    p.add_argument("--out", type=Path, required=True, help="Folder for the report.")
+    p.add_argument("--batch-size", type=int, default=16, help="Scans per forward pass (default 16).")
+    p.add_argument("--workers", type=int, default=2, help="Processes decoding scans in parallel (default 2).")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from medtl.pipeline import evaluate
+
+    evaluate(args.bundle, args.manifest, args.out, batch_size=args.batch_size, num_workers=args.workers)
+    print(f"report: {args.out / 'report.html'}")
+    return 0

@@ -1,0 +1,262 @@
+"""The two end-to-end jobs that join every stage: train a bundle, and evaluate one.
+
+``train`` goes manifest -> splits -> transforms -> backbone -> fine-tuning -> calibration ->
+operating point -> bundle -> report; ``evaluate`` replays a bundle on any labelled manifest.
+Batch prediction lives in :mod:`medtl.infer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.utils import set_determinism
+
+from medtl import bundle as bundles
+from medtl.backbones import create, preprocessing_for
+from medtl.calibrate import make_calibrator
+from medtl.config import Config, dump_config
+from medtl.infer import iter_logits
+from medtl.io import ScanRecord, assign_splits, read_manifest
+from medtl.metrics import OperatingPoint, choose_operating_point
+from medtl.report import write_report
+from medtl.train import Trainer, class_weights, labelled_items, make_loader, resolve_classes
+from medtl.transforms import build_transforms, make_preprocessing
+from medtl.adapt import make_strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    """Where a training run put its results, and the headline figures."""
+
+    run_dir: Path
+    bundle: Path
+    report: Path
+    metrics: dict[str, Any]
+
+
+def _positive_index(classes: Sequence[str], configured: str | None) -> int | None:
+    if len(classes) != 2:
+        return None
+    if configured is None:
+        return 1
+    if configured not in classes:
+        raise ValueError(f"data.positive_class '{configured}' is not one of the classes {list(classes)}")
+    return list(classes).index(configured)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
+
+
+def _partition_summary(parts: dict[str, list[ScanRecord]], classes: Sequence[str]) -> dict[str, Any]:
+    """Counts and events per partition, and whether partitions share patients."""
+    summary: dict[str, Any] = {}
+    for name, records in parts.items():
+        counts = {c: sum(r.label == c for r in records) for c in classes}
+        summary[name] = {"scans": len(records), "patients": len({r.patient_id or str(r.image) for r in records}), "per_class": counts}
+    patients = {name: {r.patient_id or str(r.image) for r in recs} for name, recs in parts.items()}
+    names = list(patients)
+    shared = {f"{a}/{b}": len(patients[a] & patients[b]) for i, a in enumerate(names) for b in names[i + 1 :]}
+    summary["patients_shared_between_partitions"] = shared
+    summary["patient_level_disjoint"] = not any(shared.values())
+    return summary
+
+
+def _groups(records: Sequence[ScanRecord]) -> dict[str, list[str]] | None:
+    sites = [r.site for r in records]
+    if not any(sites):
+        return None
+    return {"site": [s or "unknown" for s in sites]}
+
+
+def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None) -> TrainOutcome:
+    """Train, calibrate and bundle a classifier as ``config`` says; write the report."""
+    run_dir = Path(out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    data, tcfg = config.data, config.train
+    if data.manifest is None:
+        raise ValueError("data.manifest is not set (give it in the config or with --set data.manifest=PATH)")
+    set_determinism(seed=tcfg.seed)
+    started = time.perf_counter()
+
+    records = assign_splits(read_manifest(data.manifest), val_fraction=data.val_fraction, seed=tcfg.seed)
+    labelled = [r for r in records if r.label]
+    classes = resolve_classes(labelled, data.classes)
+    positive = _positive_index(classes, data.positive_class)
+    parts = {name: [r for r in labelled if r.split == name] for name in ("train", "val", "test")}
+    for name in ("train", "val"):
+        if not parts[name]:
+            raise ValueError(f"{data.manifest}: the '{name}' split is empty")
+    parts = {k: v for k, v in parts.items() if v}
+
+    mcfg = config.model
+    model = create(
+        mcfg.backbone,
+        weights=mcfg.weights,
+        in_channels=mcfg.in_channels,
+        spatial_dims=data.spatial_dims,
+        num_classes=len(classes),
+        allow_mismatch=mcfg.allow_mismatch,
+    )
+    pre = make_preprocessing(
+        spatial_dims=data.spatial_dims,
+        image_size=data.image_size or model.spec.default_input_size,
+        channels=mcfg.in_channels,
+        intensity=data.intensity,
+        ct_window=data.ct_window,
+        normalization=preprocessing_for(mcfg.backbone, mcfg.weights),
+    )
+    workers = data.num_workers if num_workers is None else num_workers
+    items = {name: labelled_items(recs, classes) for name, recs in parts.items()}
+    loader_args = dict(batch_size=tcfg.batch_size, num_workers=workers, cache=data.cache == "memory", seed=tcfg.seed)
+    train_loader = make_loader(items["train"], build_transforms(pre, train=data.augment), shuffle=True, **loader_args)
+    eval_transform = build_transforms(pre, train=False)
+    eval_loaders = {name: make_loader(items[name], eval_transform, shuffle=False, **loader_args) for name in parts if name != "train"}
+
+    weights = class_weights(items["train"], len(classes)) if tcfg.class_weighted else None
+    trainer = Trainer(model, make_strategy(tcfg.strategy), tcfg, class_weights=weights)
+    fit = trainer.fit(train_loader, eval_loaders["val"], log_path=run_dir / "train_log.csv")
+
+    val_logits, val_labels = trainer.predict_logits(eval_loaders["val"])
+    calibrator = make_calibrator(config.calibration.method).fit(val_logits, val_labels)
+    operating_point: OperatingPoint | None = None
+    if positive is not None:
+        opcfg = config.operating_point
+        scores = calibrator.transform(val_logits)[:, positive]
+        operating_point = choose_operating_point((val_labels == positive).astype(int), scores, opcfg.method, opcfg.target)
+
+    model_spec = {
+        "backbone": mcfg.backbone,
+        "in_channels": mcfg.in_channels,
+        "spatial_dims": data.spatial_dims,
+        "num_classes": len(classes),
+        "weights": mcfg.weights,
+    }
+    partitions = _partition_summary(parts, classes)
+    training = {
+        "best_epoch": fit.best_epoch,
+        "best_val_auroc": fit.best_auroc,
+        "epochs_run": len(fit.history),
+        "seconds": round(time.perf_counter() - started, 1),
+        "partitions": partitions,
+    }
+    bundle_dir = bundles.save(
+        run_dir / "bundle",
+        trainer.model,
+        model_spec=model_spec,
+        classes=classes,
+        positive_index=positive,
+        preprocessing=pre,
+        calibrator=calibrator,
+        operating_point=operating_point,
+        config_yaml=dump_config(config),
+        training=training,
+    )
+
+    report_split = "test" if "test" in eval_loaders else "val"
+    if report_split == "val":
+        logits, labels = val_logits, val_labels
+        evaluation = "internal validation split (also used for model selection, calibration and the threshold: optimistic)"
+    else:
+        logits, labels = trainer.predict_logits(eval_loaders["test"])
+        evaluation = "held-out test split of the training manifest (internal)"
+    info = {
+        "title": f"medtl training report: {mcfg.backbone}",
+        "evaluated_on": evaluation,
+        "software": bundles.package_versions(),
+        "seed": tcfg.seed,
+        "initial_weights": mcfg.weights,
+        "backbone": mcfg.backbone,
+        "transfer_method": tcfg.strategy,
+        "partitions": partitions,
+        "hyperparameters": config.train.model_dump(mode="json"),
+        "preprocessing": pre,
+        "model_selection": f"epoch {fit.best_epoch} of {len(fit.history)}, highest validation AUROC ({fit.best_auroc:.4f}); early stopping patience {tcfg.patience}",
+        "recalibration": f"{config.calibration.method} scaling fitted on the validation split ({len(val_labels)} scans)",
+        "operating_point": operating_point.to_dict() if operating_point else "argmax (multi-class)",
+    }
+    metrics = write_report(
+        run_dir / "report",
+        y_true=labels,
+        probs_uncalibrated=_softmax(logits),
+        probs_calibrated=calibrator.transform(logits),
+        class_names=classes,
+        positive_index=positive,
+        operating_point=operating_point,
+        groups=_groups(parts[report_split]),
+        info=info,
+        history=fit.history,
+        title=info["title"],
+    )
+    return TrainOutcome(run_dir=run_dir, bundle=bundle_dir, report=run_dir / "report" / "report.html", metrics=metrics)
+
+
+def evaluate(
+    bundle_path: str | Path,
+    manifest: str | Path,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 16,
+    num_workers: int = 2,
+) -> dict[str, Any]:
+    """Report a bundle's performance on a labelled manifest, with its stored calibration and
+    operating point.  Unreadable scans are listed in ``errors.csv`` and left out of the metrics."""
+    predictor = bundles.load(bundle_path, device="cuda" if torch.cuda.is_available() else "cpu")
+    records = [r for r in read_manifest(manifest) if r.label]
+    unknown = sorted({r.label for r in records} - set(predictor.classes))
+    if unknown:
+        raise ValueError(f"{manifest}: labels {unknown} are not classes of the bundle {predictor.classes}")
+    if not records:
+        raise ValueError(f"{manifest}: no labelled rows to evaluate")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_path = {str(r.image): r for r in records}
+    kept, logits, failures = [], [], []
+    for result in iter_logits(predictor, list(by_path), batch_size=batch_size, num_workers=num_workers):
+        if result.error is not None:
+            failures.append((result.image, result.error))
+        else:
+            kept.append(by_path[result.image])
+            logits.append(result.logits)
+    if failures:
+        with open(out_dir / "errors.csv", "w") as handle:
+            handle.write("image,error\n")
+            handle.writelines(f'"{p}","{e}"\n' for p, e in failures)
+    if not kept:
+        raise ValueError(f"{manifest}: no scan could be read (see {out_dir / 'errors.csv'})")
+    logits_arr = np.stack(logits)
+    labels = np.array([predictor.classes.index(r.label) for r in kept])
+    meta = predictor.meta
+    info = {
+        "title": f"medtl evaluation: {meta['model']['backbone']} on {Path(manifest).name}",
+        "evaluated_on": f"{manifest} ({len(kept)} scans; {len(failures)} unreadable, left out)",
+        "software": bundles.package_versions(),
+        "bundle_versions": meta.get("versions"),
+        "initial_weights": meta["model"].get("weights"),
+        "backbone": meta["model"]["backbone"],
+        "training": meta.get("training"),
+        "recalibration": f"{meta['calibration'].get('method')} (stored in the bundle, fitted on the training run's validation split)",
+        "operating_point": meta.get("operating_point") or "argmax (multi-class)",
+    }
+    return write_report(
+        out_dir,
+        y_true=labels,
+        probs_uncalibrated=_softmax(logits_arr),
+        probs_calibrated=predictor.calibrate(logits_arr),
+        class_names=predictor.classes,
+        positive_index=predictor.positive_index,
+        operating_point=predictor.operating_point,
+        groups=_groups(kept),
+        info=info,
+        title=info["title"],
+    )
