@@ -41,8 +41,11 @@ class ModelConfig(_Section):
     allow_mismatch: bool = Field(False, description="Load weights even if some tensors do not match.")
 
 
+class AdaptConfig(_Section):
+    strategy: Literal["full", "linear_probe"] = Field("full", description="Fine-tuning strategy (medtl.adapt).")
+
+
 class TrainConfig(_Section):
-    strategy: Literal["full", "linear_probe"] = "full"
     epochs: int = Field(12, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-4, gt=0, description="Backbone learning rate (AdamW).")
@@ -72,6 +75,7 @@ class OperatingPointConfig(_Section):
 class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    adapt: AdaptConfig = AdaptConfig()
     train: TrainConfig = TrainConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     operating_point: OperatingPointConfig = OperatingPointConfig()

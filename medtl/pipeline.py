@@ -124,7 +124,7 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
     eval_loaders = {name: make_loader(items[name], eval_transform, shuffle=False, **loader_args) for name in parts if name != "train"}
 
     weights = class_weights(items["train"], len(classes)) if tcfg.class_weighted else None
-    trainer = Trainer(model, make_strategy(tcfg.strategy), tcfg, class_weights=weights)
+    trainer = Trainer(model, make_strategy(config.adapt.strategy), tcfg, class_weights=weights)
     fit = trainer.fit(train_loader, eval_loaders["val"], log_path=run_dir / "train_log.csv")
 
     val_logits, val_labels = trainer.predict_logits(eval_loaders["val"])
@@ -177,7 +177,7 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         "seed": tcfg.seed,
         "initial_weights": mcfg.weights,
         "backbone": mcfg.backbone,
-        "transfer_method": tcfg.strategy,
+        "transfer_method": config.adapt.strategy,
         "partitions": partitions,
         "hyperparameters": config.train.model_dump(mode="json"),
         "preprocessing": pre,
