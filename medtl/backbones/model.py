@@ -1,0 +1,136 @@
+"""The classifier every backbone is wrapped in, and :func:`create`, the one way to build it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medtl.backbones.registry import BackboneSpec, get_spec, preprocessing_for, source_of
+from medtl.backbones.weights import LoadReport, read_source, transfer
+
+
+class Classifier(nn.Module):
+    """A backbone that maps (B, C, *spatial) to pooled features (B, F), and a linear head.
+
+    State-dict keys are ``backbone.*`` (for torchvision networks exactly torchvision's names,
+    minus the removed classifier) and ``head.*``.  ``load_report`` says how the pretrained
+    weights were loaded; ``weights`` and ``preprocessing`` name the source and the input
+    normalisation it expects.
+    """
+
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        self.feature_dim = spec.feature_dim
+        self.in_channels = in_channels
+        self.head = nn.Linear(spec.feature_dim, num_classes)
+        self.weights = "none"
+        self.load_report = LoadReport(source="none")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features, (B, feature_dim)."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, (B, num_classes)."""
+        return self.head(self.backbone(x))
+
+    def reset_head(self, num_classes: int) -> None:
+        """A fresh head for ``num_classes`` on the same device and dtype as the old one."""
+        old = self.head.weight
+        self.head = nn.Linear(self.feature_dim, num_classes).to(device=old.device, dtype=old.dtype)
+
+    @property
+    def preprocessing(self) -> dict:
+        """The input normalisation the loaded weights expect (see :func:`preprocessing_for`)."""
+        return preprocessing_for(self.spec.name, self.weights, in_channels=self.in_channels)
+
+
+def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent, _, child = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _conv_with_inputs(conv: nn.Module, in_channels: int) -> nn.Module:
+    if not isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+        raise TypeError(f"stem is a {type(conv).__name__}, not a convolution")
+    return type(conv)(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+
+
+def build_backbone(spec: BackboneSpec, in_channels: int) -> nn.Module:
+    """The randomly initialised backbone of ``spec`` for ``in_channels`` inputs, head removed."""
+    if spec.family == "torchvision":
+        from torchvision.models import get_model
+
+        net = get_model(spec.name, weights=None)
+        if in_channels != 3:
+            _set_module(net, spec.stem, _conv_with_inputs(net.get_submodule(spec.stem), in_channels))
+    elif spec.family == "monai_resnet":
+        from monai.networks import nets
+        from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
+
+        # MedicalNet's layout: 7^3 stem with stride 2, and the shortcut type its weights were trained with.
+        bias_downsample, shortcut = get_medicalnet_pretrained_resnet_args(int(spec.name.removeprefix("resnet")))
+        net = getattr(nets, spec.name)(
+            spatial_dims=3,
+            n_input_channels=in_channels,
+            conv1_t_size=7,
+            conv1_t_stride=2,
+            shortcut_type=shortcut,
+            bias_downsample=bias_downsample,
+            feed_forward=False,
+        )
+        return net
+    elif spec.family == "monai_densenet":
+        from monai.networks.nets import DenseNet121
+
+        net = DenseNet121(spatial_dims=3, in_channels=in_channels, out_channels=1)
+    else:
+        raise ValueError(f"unknown backbone family '{spec.family}'")
+    _set_module(net, spec.classifier, nn.Identity())
+    return net
+
+
+def create(
+    name: str,
+    *,
+    weights: str = "none",
+    in_channels: int = 1,
+    spatial_dims: int = 2,
+    num_classes: int = 2,
+    allow_mismatch: bool = False,
+    inflation: str = "mean",
+) -> Classifier:
+    """Build registry backbone ``name`` with a ``num_classes`` head and load ``weights``.
+
+    ``weights``: ``none``; ``imagenet`` (or ``imagenet:VARIANT``, a torchvision weights enum
+    member); ``medicalnet[:PATH]``, ``radimagenet[:PATH]``, ``torchxrayvision[:PATH]`` (without
+    PATH: the expected file in the local weights folder); ``bundle:PATH`` (the backbone of a
+    medtl bundle); or the path of a state dict (``.pt``/``.pth``/``.safetensors``).  The stem is
+    adapted to ``in_channels`` and 2D kernels are inflated (``inflation``: ``mean`` or
+    ``centre``) for 3D networks; anything else that does not fit raises
+    :class:`~medtl.backbones.weights.WeightsMismatchError` unless ``allow_mismatch``.
+    """
+    if in_channels < 1 or num_classes < 1:
+        raise ValueError(f"in_channels and num_classes must be positive, got {in_channels} and {num_classes}")
+    spec = get_spec(name, spatial_dims)
+    model = Classifier(build_backbone(spec, in_channels), spec, num_classes, in_channels)
+    source, _ = source_of(weights)
+    if source != "none":
+        state, file = read_source(spec, weights)
+        model.load_report = transfer(
+            model.backbone, state, spec, source=source, file=file, allow_mismatch=allow_mismatch, inflation=inflation
+        )
+    model.weights = weights
+    return model
