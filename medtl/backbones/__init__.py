@@ -6,30 +6,40 @@ kernels where needed, and reports on every tensor (:class:`LoadReport`).
 """
 
 from medtl.backbones.adapt import adapt_input_channels, inflate_to_3d
-from medtl.backbones.model import Classifier, create
-from medtl.backbones.registry import BackboneSpec, Preprocessing, get_spec, list_backbones, preprocessing_for
-from medtl.backbones.weights import (
+from medtl.backbones.files import (
     ChecksumError,
-    LoadReport,
     WeightsFormatError,
-    WeightsMismatchError,
     WeightsNotFoundError,
-    imagenet_checkpoint,
     load_state_file,
     sha256_file,
+    weights_dir,
 )
+from medtl.backbones.model import Classifier, create
+from medtl.backbones.registry import (
+    REGISTRY_ENTRIES,
+    BackboneSpec,
+    Preprocessing,
+    get_spec,
+    list_backbones,
+    preprocessing_for,
+)
+from medtl.backbones.sources import ExpectedFile, expected_files, imagenet_checkpoint
+from medtl.backbones.weights import LoadReport, WeightsMismatchError
 
 __all__ = [
     "BackboneSpec",
     "ChecksumError",
     "Classifier",
+    "ExpectedFile",
     "LoadReport",
     "Preprocessing",
+    "REGISTRY_ENTRIES",
     "WeightsFormatError",
     "WeightsMismatchError",
     "WeightsNotFoundError",
     "adapt_input_channels",
     "create",
+    "expected_files",
     "get_spec",
     "imagenet_checkpoint",
     "inflate_to_3d",
@@ -37,4 +47,5 @@ __all__ = [
     "load_state_file",
     "preprocessing_for",
     "sha256_file",
+    "weights_dir",
 ]

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from medtl.backbones.registry import BackboneSpec, get_spec, preprocessing_for, source_of
-from medtl.backbones.weights import LoadReport, read_source, transfer
+from medtl.backbones.sources import read_source
+from medtl.backbones.weights import LoadReport, transfer
 
 
 class Classifier(nn.Module):
@@ -70,10 +71,13 @@ def _conv_with_inputs(conv: nn.Module, in_channels: int) -> nn.Module:
 
 def build_backbone(spec: BackboneSpec, in_channels: int) -> nn.Module:
     """The randomly initialised backbone of ``spec`` for ``in_channels`` inputs, head removed."""
-    if spec.family == "torchvision":
+    if spec.family in ("torchvision", "resnet_v1"):
         from torchvision.models import get_model
 
-        net = get_model(spec.name, weights=None)
+        net = get_model(spec.name.removesuffix("_v1"), weights=None)
+        if spec.family == "resnet_v1":  # the stride of each stage's first block in its 1x1 convolution
+            for stage in (net.layer2, net.layer3, net.layer4):
+                stage[0].conv1.stride, stage[0].conv2.stride = (2, 2), (1, 1)
         if in_channels != 3:
             _set_module(net, spec.stem, _conv_with_inputs(net.get_submodule(spec.stem), in_channels))
     elif spec.family == "monai_resnet":
@@ -91,7 +95,6 @@ def build_backbone(spec: BackboneSpec, in_channels: int) -> nn.Module:
             bias_downsample=bias_downsample,
             feed_forward=False,
         )
-        return net
     elif spec.family == "monai_densenet":
         from monai.networks.nets import DenseNet121
 
@@ -128,9 +131,8 @@ def create(
     model = Classifier(build_backbone(spec, in_channels), spec, num_classes, in_channels)
     source, _ = source_of(weights)
     if source != "none":
-        state, file = read_source(spec, weights)
         model.load_report = transfer(
-            model.backbone, state, spec, source=source, file=file, allow_mismatch=allow_mismatch, inflation=inflation
+            model.backbone, read_source(spec, weights), spec, source=source, allow_mismatch=allow_mismatch, inflation=inflation
         )
     model.weights = weights
     return model

@@ -16,9 +16,10 @@ from typing import Any, Mapping
 # ImageNet statistics on [0, 1] RGB images (torchvision's training recipe).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# RadImageNet's Keras models were trained with Keras' "caffe" preprocessing: BGR order, ImageNet
-# means subtracted on the 0-255 scale, no division.  On [0, 1] images that is mean m and std 1/255.
-CAFFE_STD = 1.0 / 255.0
+# RadImageNet trained its Keras models on Keras' "caffe" preprocessing followed by a 1/255
+# rescale: BGR channel order, the ImageNet means subtracted, no division.  On [0, 1] images, in
+# the network's (BGR) channel order, that is the mean below and a std of 1.
+RADIMAGENET_MEAN = (0.406, 0.456, 0.485)
 
 SOURCES = ("none", "imagenet", "medicalnet", "radimagenet", "torchxrayvision", "bundle", "file")
 
@@ -96,7 +97,7 @@ def _imagenet(resolution: int = 224) -> Preprocessing:
 
 
 NONE = Preprocessing("none", "mean_std", (0.5,), (0.5,), channels=1, resolution=None)
-RADIMAGENET = Preprocessing("radimagenet", "mean_std", IMAGENET_MEAN, (CAFFE_STD,) * 3, channels=3, resolution=224)
+RADIMAGENET = Preprocessing("radimagenet", "mean_std", RADIMAGENET_MEAN, (1.0, 1.0, 1.0), channels=3, resolution=224)
 TORCHXRAYVISION = Preprocessing("torchxrayvision", "range", range=(-1024.0, 1024.0), channels=1, resolution=224)
 MEDICALNET = Preprocessing("medicalnet", "zscore", channels=1, resolution=None)
 
@@ -119,7 +120,7 @@ _TORCHVISION = {
     "swin_t": (768, "features.0.0", "head", "features", "channels_last", 224),
     "mobilenet_v3_large": (1280, "features.0.0", "classifier.3", "features", "channels_first", 224),
 }
-_EXTRA_2D_SOURCES = {"resnet50": {"radimagenet": RADIMAGENET}, "densenet121": {"torchxrayvision": TORCHXRAYVISION}}
+_EXTRA_2D_SOURCES = {"densenet121": {"torchxrayvision": TORCHXRAYVISION}}
 
 # MONAI ResNets in MedicalNet's configuration; MedicalNet ships depths 10-50 for the 23-dataset
 # weights.  ImageNet weights inflate exactly only where every 2D tensor has a 3D home: resnet50
@@ -142,6 +143,11 @@ def _build_registry() -> dict[tuple[str, int], BackboneSpec]:
         entries[name, 2] = BackboneSpec(
             name, 2, supported[name], "torchvision", dim, stem, head, cam, size, sources, layout
         )
+    # The original (Keras) ResNet-50 strides in the first 1x1 convolution of a stage, torchvision's
+    # in the 3x3; RadImageNet's weights need the original, so it is an entry of its own.
+    entries["resnet50_v1", 2] = BackboneSpec(
+        "resnet50_v1", 2, (2,), "resnet_v1", 2048, "conv1", "fc", "layer4", 224, {"radimagenet": RADIMAGENET}
+    )
     for name, dim in _MONAI_RESNET.items():
         sources = {"medicalnet": MEDICALNET}
         if name == "resnet50":
@@ -157,6 +163,7 @@ def _build_registry() -> dict[tuple[str, int], BackboneSpec]:
 
 
 REGISTRY: dict[tuple[str, int], BackboneSpec] = _build_registry()
+REGISTRY_ENTRIES: list[tuple[str, int]] = sorted(REGISTRY)
 
 
 def list_backbones(spatial_dims: int | None = None) -> list[str]:

@@ -1,7 +1,7 @@
-"""Weight sources, safe file loading, and the tensor-by-tensor transfer with its load report.
+"""The tensor-by-tensor transfer of pretrained weights into a backbone, and its load report.
 
-Every source is turned into a state dict in the backbone's own key names; :func:`transfer`
-then matches it against the backbone tensor by tensor, adapts what can be adapted exactly (the
+Every source is turned into a state dict in the backbone's own key names (:mod:`.sources`);
+:func:`transfer` then matches it against the backbone tensor by tensor, adapts what can be adapted exactly (the
 stem's input channels, 2D -> 3D inflation) and reports every other difference.  Nothing is
 skipped silently: a missing, unexpected or shape-mismatched tensor is an error unless the caller
 allows mismatches, and even then it is in the report.
@@ -9,44 +9,20 @@ allows mismatches, and even then it is in the report.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import pickle
-import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.error import URLError
 
-import torch
-from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from medtl.backbones.adapt import adapt_input_channels, inflate_to_3d
-from medtl.backbones.registry import BackboneSpec, source_of
+from medtl.backbones.files import ChecksumError, WeightsFormatError, WeightsNotFoundError
+from medtl.backbones.registry import BackboneSpec
+from medtl.backbones.sources import SourceWeights
 
 log = logging.getLogger("medtl.backbones")
 
-StateDict = dict[str, torch.Tensor]
-
-# torchvision's checkpoint names carry the first hex digits of the file's sha256.
-_NAME_HASH = re.compile(r"-([a-f0-9]{8,})\.")
-# Containers some checkpoints wrap their state dict in.
-_WRAPPERS = ("state_dict", "model_state_dict", "model")
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """Pretrained weights that are neither on disk nor downloadable; the message says where to put them."""
-
-
-class WeightsFormatError(ValueError):
-    """A weights file that is not a plain state dict (or not the layout its source should have)."""
-
-
-class ChecksumError(ValueError):
-    """A weights file whose sha256 differs from the known one."""
+__all__ = ["ChecksumError", "LoadReport", "WeightsFormatError", "WeightsMismatchError", "WeightsNotFoundError", "transfer"]
 
 
 class WeightsMismatchError(ValueError):
@@ -88,15 +64,16 @@ class LoadReport:
             f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
             f"{len(self.mismatched)} shape-mismatched, {len(self.dropped)} dropped (source classifier)"
         ]
-        lines += [f"  adapted {key}: {how}" for key, how in self.adapted.items()]
-        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
-            lines += [f"  {label} {key}" for key in keys[:limit]]
-            if len(keys) > limit:
-                lines.append(f"  ... and {len(keys) - limit} more {label}")
-        items = list(self.mismatched.items())
-        lines += [f"  shape-mismatched {key}: {shapes}" for key, shapes in items[:limit]]
-        if len(items) > limit:
-            lines.append(f"  ... and {len(items) - limit} more shape-mismatched")
+        sections = (
+            ("adapted", [f"{key}: {how}" for key, how in self.adapted.items()]),
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("shape-mismatched", [f"{key}: {shapes}" for key, shapes in self.mismatched.items()]),
+        )
+        for label, items in sections:
+            lines += [f"  {label} {item}" for item in items[:limit]]
+            if len(items) > limit:
+                lines.append(f"  ... and {len(items) - limit} more {label}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -104,199 +81,37 @@ class LoadReport:
         return asdict(self)
 
 
-# ---------------------------------------------------------------- files
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_sha256(path: str | Path, expected: str) -> str:
-    """Check a file against a full sha256 or a prefix of one (torchvision's file names); return the digest."""
-    actual = sha256_file(path)
-    if not actual.startswith(expected.lower()):
-        raise ChecksumError(f"{path}: sha256 {actual} does not match the expected {expected}; the file is corrupt or not the published one")
-    return actual
-
-
-def load_state_file(path: str | Path, sha256: str | None = None) -> StateDict:
-    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``: no pickled code).
-
-    A checkpoint wrapping its state dict under ``state_dict``, ``model_state_dict`` or ``model``
-    is unwrapped.  ``sha256`` (full digest or prefix) is checked first when given.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsNotFoundError(f"{path}: weights file not found")
-    if sha256:
-        verify_sha256(path, sha256)
-    if path.suffix == ".safetensors":
-        try:
-            return load_safetensors(str(path))
-        except Exception as err:  # safetensors raises its own error types for bad headers
-            raise WeightsFormatError(f"{path}: not a readable safetensors file ({err})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsFormatError(
-            f"{path}: cannot be read as a state dict with weights_only=True ({reason}). medtl never "
-            "unpickles code from weight files; re-save the file as a state dict "
-            "(torch.save(model.state_dict(), ...)) or as .safetensors in an environment you trust"
-        ) from None
-    return _unwrap(obj, path)
-
-
-def _unwrap(obj: Any, path: Path) -> StateDict:
-    if isinstance(obj, dict):
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return dict(obj)
-        for key in _WRAPPERS:
-            inner = obj.get(key)
-            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                return dict(inner)
-        keys = ", ".join(map(str, list(obj)[:8]))
-        raise WeightsFormatError(f"{path}: a dict but not a state dict of tensors (top-level keys: {keys})")
-    raise WeightsFormatError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-
-
-def strip_prefix(state: StateDict, prefix: str) -> StateDict:
-    """Keys without a leading ``prefix`` (e.g. DataParallel's ``module.``) where they have it."""
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-
-
-# ---------------------------------------------------------------- sources
-
-
-def _offline() -> bool:
-    return os.environ.get("MEDTL_OFFLINE", "").lower() in ("1", "true", "yes")
-
-
-def imagenet_checkpoint(name: str, variant: str | None = None) -> tuple[Path, str, str]:
-    """Where torchvision keeps the ImageNet weights of ``name``: (cache file, URL, sha256 prefix).
-
-    ``variant`` names one of the weights enum's members (e.g. ``IMAGENET1K_V1``); default: the
-    enum's ``DEFAULT``.
-    """
-    from torchvision.models import get_model_weights
-
-    enum = get_model_weights(name)
-    try:
-        entry = enum[variant] if variant else enum.DEFAULT
-    except KeyError:
-        raise KeyError(f"{name} has no ImageNet weights '{variant}'; choose one of {[m.name for m in enum]}") from None
-    file_name = entry.url.rsplit("/", 1)[-1]
-    return Path(torch.hub.get_dir()) / "checkpoints" / file_name, entry.url, _torchvision_hash_prefix(file_name)
-
-
-def _torchvision_hash_prefix(file_name: str) -> str:
-    match = _NAME_HASH.search(file_name)
-    if match is None:
-        raise ValueError(f"{file_name}: torchvision file name without a sha256 prefix")
-    return match.group(1)
-
-
-def imagenet_state_dict(name: str, variant: str | None = None) -> tuple[StateDict, Path]:
-    """torchvision's ImageNet state dict for ``name`` from the torch hub cache, downloading it
-    there if the machine is online (and ``MEDTL_OFFLINE`` is not set); sha256-checked."""
-    path, url, prefix = imagenet_checkpoint(name, variant)
-    if not path.is_file():
-        reason = "MEDTL_OFFLINE is set"
-        if not _offline():
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix, progress=False)
-            except (URLError, OSError, RuntimeError) as err:
-                reason = f"download failed: {err}"
-        if not path.is_file():
-            raise WeightsNotFoundError(
-                f"ImageNet weights for {name} not found: {path} does not exist and {reason}. "
-                f"For offline use, fetch {url} on a machine with internet access and put it, named "
-                f"{path.name}, in {path.parent} (or run: medtl weights import imagenet:{name} FILE)"
-            )
-    return load_state_file(path, sha256=prefix), path
-
-
-def _densenet_legacy_keys(state: StateDict) -> StateDict:
-    """torchvision's DenseNet checkpoints predate dot-free module names: ``norm.1`` -> ``norm1``."""
-    legacy = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
-    return {legacy.sub(r"\1\2.", k): v for k, v in state.items()}
-
-
-def _to_monai_densenet(state: StateDict) -> StateDict:
-    """torchvision DenseNet key names -> MONAI's (each dense layer's modules sit under ``layers``)."""
-    return {re.sub(r"(denselayer\d+)\.", r"\1.layers.", k): v for k, v in state.items()}
-
-
-def read_source(spec: BackboneSpec, weights: str) -> tuple[StateDict, str | None]:
-    """The state dict ``weights`` names, in ``spec``'s backbone key names, and the file it came from."""
-    source, arg = source_of(weights)
-    if source not in ("file", "bundle") and source not in spec.sources:
-        offered = ", ".join([*spec.sources, "bundle:PATH", "PATH"])
-        raise ValueError(f"{spec.name} ({spec.dims}D) has no '{source}' weights; it loads: {offered}")
-    if source == "imagenet":
-        state, path = imagenet_state_dict(spec.name, arg or None)
-        file = str(path)
-    elif source == "file":
-        # DataParallel's prefix, and a medtl classifier's (whose head.* is then dropped like any head).
-        state, file = strip_prefix(strip_prefix(load_state_file(arg), "module."), "backbone."), arg
-    else:
-        raise ValueError(f"weights source '{source}' is not available yet")
-    return _to_family_keys(spec, state), file
-
-
-def _to_family_keys(spec: BackboneSpec, state: StateDict) -> StateDict:
-    """Key-name conventions that differ between checkpoints of the same network."""
-    if spec.name.startswith("densenet"):
-        state = _densenet_legacy_keys(state)
-        if spec.family == "monai_densenet" and not any(".layers." in k for k in state):
-            state = _to_monai_densenet(state)
-    return state
-
-
 # ---------------------------------------------------------------- transfer
-
-
-def _classifier_keys(spec: BackboneSpec, state: StateDict) -> list[str]:
-    prefix = spec.classifier + "."
-    return [k for k in state if k.startswith(prefix) or k.startswith("head.")]
 
 
 def transfer(
     backbone: nn.Module,
-    state: StateDict,
+    found: SourceWeights,
     spec: BackboneSpec,
     *,
     source: str,
-    file: str | None = None,
     allow_mismatch: bool = False,
     inflation: str = "mean",
 ) -> LoadReport:
-    """Load ``state`` into ``backbone`` tensor by tensor and report on every one.
+    """Load ``found`` into ``backbone`` tensor by tensor and report on every one.
 
     Exact adaptations: the stem kernel to another channel count (:func:`adapt_input_channels`)
-    and any 2D kernel into its 3D twin (:func:`inflate_to_3d`).  BatchNorm step counters
-    (``num_batches_tracked``) are bookkeeping, not learned, and old checkpoints lack them; they
-    are not reported missing.  Raises :class:`WeightsMismatchError` unless the report is clean or
-    ``allow_mismatch``.
+    and any 2D kernel into its 3D twin (:func:`inflate_to_3d`), besides the source's own
+    conversions.  BatchNorm step counters (``num_batches_tracked``) are bookkeeping, not learned,
+    and old checkpoints lack them; they are not reported missing.  Raises
+    :class:`WeightsMismatchError` unless the report is clean or ``allow_mismatch``.
     """
-    dropped = _classifier_keys(spec, state)
-    state = {k: v for k, v in state.items() if k not in dropped}
-    report = LoadReport(source=source, file=file, dropped=dropped)
+    state = found.state
+    report = LoadReport(source=source, file=found.file, dropped=list(found.dropped))
     target = backbone.state_dict()
-    accepted: StateDict = {}
+    accepted = {}
     stem_weight = spec.stem + ".weight"
     for key, want in target.items():
         if key not in state:
             if not key.endswith("num_batches_tracked"):
                 report.missing.append(key)
             continue
-        tensor, notes = state[key], []
+        tensor, notes = state[key], [found.adapted[key]] if key in found.adapted else []
         if tensor.dim() == 4 and want.dim() == 5 and tensor.shape[0] == want.shape[0] and tensor.shape[2:] == want.shape[3:]:
             tensor = inflate_to_3d(tensor, want.shape[2], inflation)
             notes.append(f"2D -> 3D ({inflation} over depth {want.shape[2]})")

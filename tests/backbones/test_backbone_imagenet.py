@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from medtl.backbones import ChecksumError, WeightsNotFoundError, create, imagenet_checkpoint, sha256_file
-from medtl.backbones import weights as weights_module
+from medtl.backbones import sources as sources_module
 
 
 def test_offline_error_names_file_url_and_folder(offline_caches):
@@ -40,7 +40,7 @@ def _trust_file_as_published(monkeypatch, path: Path) -> None:
     """A random-weights file cannot carry torchvision's published hash; let the test's own file
     stand in for it, so the rest of the path (hash check included) runs for real."""
     digest = sha256_file(path)
-    monkeypatch.setattr(weights_module, "_torchvision_hash_prefix", lambda file_name: digest[:8])
+    monkeypatch.setattr(sources_module, "_torchvision_hash_prefix", lambda file_name: digest[:8])
 
 
 def test_imagenet_load_from_cache(monkeypatch):
