@@ -22,7 +22,7 @@ from medtl import bundle as bundles
 from medtl.backbones import create, preprocessing_for
 from medtl.calibrate import make_calibrator
 from medtl.config import Config, dump_config
-from medtl.infer import iter_logits
+from medtl.infer import ERROR_COLUMNS, iter_logits, write_table
 from medtl.io import ScanRecord, assign_splits, read_manifest
 from medtl.metrics import OperatingPoint, choose_operating_point
 from medtl.report import write_report
@@ -229,9 +229,7 @@ def evaluate(
             kept.append(by_path[result.image])
             logits.append(result.logits)
     if failures:
-        with open(out_dir / "errors.csv", "w") as handle:
-            handle.write("image,error\n")
-            handle.writelines(f'"{p}","{e}"\n' for p, e in failures)
+        write_table(out_dir / "errors.csv", ERROR_COLUMNS, [dict(zip(ERROR_COLUMNS, f)) for f in failures])
     if not kept:
         raise ValueError(f"{manifest}: no scan could be read (see {out_dir / 'errors.csv'})")
     logits_arr = np.stack(logits)

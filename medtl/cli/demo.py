@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medtl.config import load_config
-    from medtl.infer import predict_to_csv
+    from medtl.infer import predict_scans
     from medtl.io import write_synthetic
     from medtl.bundle import load
     from medtl.pipeline import evaluate, train
@@ -44,10 +44,10 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(path, [f"data.manifest={data['manifest']}", f"train.seed={args.seed}", *args.overrides])
     print("[2/4] training")
     outcome = train(config, out / "run")
-    print(f"[3/4] evaluating the bundle on the held-out DICOM folder")
+    print("[3/4] evaluating the bundle on the held-out DICOM folder")
     metrics = evaluate(outcome.bundle, data["test_labels"], out / "evaluation")
     print(f"[4/4] predicting {data['test_dir']}")
-    summary = predict_to_csv(load(outcome.bundle), data["test_dir"], out / "predictions.csv")
+    summary = predict_scans(load(outcome.bundle), data["test_dir"], out / "predictions.csv")
     auc = metrics["calibrated"]["auroc"]
     print(
         f"\ndone in {time.perf_counter() - start:.0f}s\n"

@@ -5,32 +5,53 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medtl.infer.table import FORMATS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
         help="Predict every scan in a folder or manifest.",
-        description="Write one CSV row per scan (image, prob_<class>..., pred) with calibrated probabilities and the "
-        "decision at the bundle's operating point. Scans that cannot be read go to <out>.errors.csv with the "
-        "reason; the run goes on.",
+        description="Write one row per scan (image, prob_<class>..., pred, uncertain, fingerprint) with calibrated "
+        "probabilities and the decision at the bundle's operating point. Scans that cannot be read go to "
+        "<out>.errors.csv with the reason; the run goes on. Re-running the same command resumes: scans already "
+        "in --out (same name and content) are skipped. Under torchrun (torchrun --nproc_per_node=N -m medtl "
+        "predict ...) the scans are sharded across processes and rank 0 merges the results.",
     )
     p.add_argument("bundle", type=Path, help="Bundle folder written by 'medtl train'.")
     p.add_argument("input", type=Path, help="Folder (searched recursively for DICOM, NIfTI, PNG, JPEG) or manifest CSV.")
-    p.add_argument("--out", type=Path, required=True, help="Output CSV path.")
+    p.add_argument("--out", type=Path, required=True, help="Output file (.csv, or .jsonl with --format jsonl).")
+    p.add_argument("--format", choices=FORMATS, default=None, help="Output format (default: from the --out suffix, else csv).")
     p.add_argument("--batch-size", type=int, default=16, help="Scans per forward pass (default 16).")
     p.add_argument("--workers", type=int, default=2, help="Processes decoding scans in parallel (default 2).")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto).")
+    p.add_argument(
+        "--uncertain-band",
+        type=float,
+        default=0.1,
+        help="Flag a scan as uncertain when its positive probability is within this distance of the threshold "
+        "(binary), or its top-two probability margin is below it (multi-class). Default 0.1.",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from medtl.bundle import load
-    from medtl.infer import predict_to_csv
+    from medtl.infer import predict_scans
     from medtl.train import resolve_device
 
+    fmt = args.format or ("jsonl" if args.out.suffix.lower() in (".jsonl", ".json") else "csv")
     predictor = load(args.bundle, device=resolve_device(args.device))
-    summary = predict_to_csv(predictor, args.input, args.out, batch_size=args.batch_size, num_workers=args.workers)
-    print(f"predicted {summary.predicted} scans -> {summary.out}")
+    summary = predict_scans(
+        predictor,
+        args.input,
+        args.out,
+        fmt=fmt,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        uncertain_band=args.uncertain_band,
+    )
+    print(f"predicted {summary.predicted}, skipped {summary.skipped} (already done), failed {summary.failed} -> {summary.out}")
     if summary.failed:
-        print(f"{summary.failed} scans could not be read -> {summary.errors}")
+        print(f"unreadable scans and reasons: {summary.errors}")
     return 0

@@ -1,23 +1,23 @@
-"""Batch inference over many scans: decoding overlapped with batched forward passes, and a bad
-scan recorded with its reason instead of stopping the run."""
+"""Decoding overlapped with batched forward passes; a bad scan becomes a result, not a crash."""
 
 from __future__ import annotations
 
-import csv
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from medtl.bundle import Predictor
 from medtl.io import find_scans, read_manifest
 
 log = logging.getLogger(__name__)
+
+_FINGERPRINT_BYTES = 1 << 16
 
 
 @dataclass
@@ -27,6 +27,23 @@ class ScanResult:
     image: str
     logits: np.ndarray | None = None
     error: str | None = None
+
+
+def fingerprint(path: str | Path) -> str:
+    """A cheap content fingerprint of a scan file or series folder: size plus the first and
+    last 64 KiB of every file, hashed.  Changes when a scan is replaced, not when it is copied."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.blake2b(digest_size=10)
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(_FINGERPRINT_BYTES))
+            if size > 2 * _FINGERPRINT_BYTES:
+                handle.seek(-_FINGERPRINT_BYTES, 2)
+                digest.update(handle.read())
+    return digest.hexdigest()
 
 
 class _GuardedScans(Dataset):
@@ -56,15 +73,17 @@ def _collate(items: list[dict]) -> dict:
     }
 
 
-def iter_logits(
+def iter_batches(
     predictor: Predictor,
     paths: Sequence[str | Path],
     *,
     batch_size: int = 16,
     num_workers: int = 2,
-    progress: bool = True,
-) -> Iterator[ScanResult]:
-    """Yield a :class:`ScanResult` per scan, in input order within each batch."""
+) -> Iterator[list[ScanResult]]:
+    """Yield the results of each batch of scans: failures first, then logits in input order.
+
+    DataLoader workers decode and preprocess the next batches while the model runs on this one.
+    """
     dataset = _GuardedScans([str(p) for p in paths], predictor.transforms())
     loader = DataLoader(
         dataset,
@@ -72,84 +91,33 @@ def iter_logits(
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=predictor.device.type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
     )
-    with tqdm(total=len(dataset), desc="predicting", unit="scan", disable=not progress) as bar:
-        for batch in loader:
-            for path, reason in batch["failed"]:
-                log.warning("skipped %s: %s", path, reason)
-                yield ScanResult(path, error=reason)
-            if batch["images"] is not None:
-                for path, row in zip(batch["paths"], predictor.logits(batch["images"])):
-                    yield ScanResult(path, logits=row)
-            bar.update(len(batch["paths"]) + len(batch["failed"]))
+    for batch in loader:
+        results = [ScanResult(path, error=reason) for path, reason in batch["failed"]]
+        for path, reason in batch["failed"]:
+            log.warning("skipped %s: %s", path, reason)
+        if batch["images"] is not None:
+            results += [ScanResult(p, logits=row) for p, row in zip(batch["paths"], predictor.logits(batch["images"]))]
+        yield results
+
+
+def iter_logits(predictor: Predictor, paths: Sequence[str | Path], **kwargs) -> Iterator[ScanResult]:
+    """Yield a :class:`ScanResult` per scan (see :func:`iter_batches` for the options)."""
+    for results in iter_batches(predictor, paths, **kwargs):
+        yield from results
 
 
 def gather_inputs(source: str | Path) -> tuple[list[str], Path]:
     """The scans to predict and the folder their names are written relative to.
 
-    ``source`` is a folder (searched recursively for DICOM, NIfTI, PNG and JPEG) or a manifest CSV.
+    ``source`` is a folder (searched recursively for DICOM, NIfTI, PNG and JPEG; a multi-file
+    DICOM series is one scan) or a manifest CSV.
     """
     source = Path(source)
     if source.is_dir():
         return [str(scan.path) for scan in find_scans(source)], source
-    if source.suffix.lower() == ".csv":
+    if source.is_file() and source.suffix.lower() == ".csv":
         return [str(r.image) for r in read_manifest(source, check_files=False)], source.parent
     raise FileNotFoundError(f"{source}: expected a folder of scans or a manifest .csv")
-
-
-@dataclass
-class PredictSummary:
-    predicted: int = 0
-    failed: int = 0
-    out: Path | None = None
-    errors: Path | None = None
-    failures: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _display_name(path: str, root: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(root.resolve()))
-    except ValueError:
-        return path
-
-
-def predict_to_csv(
-    predictor: Predictor,
-    source: str | Path,
-    out: str | Path,
-    *,
-    batch_size: int = 16,
-    num_workers: int = 2,
-    progress: bool = True,
-) -> PredictSummary:
-    """Write calibrated probabilities and the decision for every scan under ``source``.
-
-    Rows (``image``, ``prob_<class>``..., ``pred``) are written as batches finish; scans that
-    fail go to ``<out>.errors.csv`` with their reason, and the run goes on.
-    """
-    paths, root = gather_inputs(source)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    errors_path = out.with_name(out.stem + ".errors.csv")
-    summary = PredictSummary(out=out)
-    header = ["image", *[f"prob_{name}" for name in predictor.classes], "pred"]
-    with open(out, "w", newline="") as handle, open(errors_path, "w", newline="") as err_handle:
-        writer, err_writer = csv.writer(handle), csv.writer(err_handle)
-        writer.writerow(header)
-        err_writer.writerow(["image", "error"])
-        for result in iter_logits(predictor, paths, batch_size=batch_size, num_workers=num_workers, progress=progress):
-            name = _display_name(result.image, root)
-            if result.error is not None:
-                err_writer.writerow([name, result.error])
-                summary.failed += 1
-                summary.failures.append((name, result.error))
-                continue
-            probs = predictor.calibrate(result.logits[None])
-            pred = predictor.classes[int(predictor.decide(probs)[0])]
-            writer.writerow([name, *[f"{p:.6f}" for p in probs[0]], pred])
-            summary.predicted += 1
-    if summary.failed:
-        summary.errors = errors_path
-    else:
-        errors_path.unlink()
-    return summary

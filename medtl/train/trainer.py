@@ -10,6 +10,7 @@ import copy
 import csv
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,12 @@ HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_auroc", "lr", "seconds
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` means the first CUDA device when there is one, else the CPU."""
+    """``auto`` means this process's CUDA device when there is one (``LOCAL_RANK`` under
+    torchrun, else the first), and the CPU otherwise."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
 
 
