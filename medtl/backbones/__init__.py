@@ -14,7 +14,9 @@ from medtl.backbones.files import (
     sha256_file,
     weights_dir,
 )
+from medtl.backbones.inputs import check_batch, normalize
 from medtl.backbones.model import Classifier, create
+from medtl.backbones.rank import BackboneScore, logme, parse_candidates, rank_backbones
 from medtl.backbones.registry import (
     REGISTRY_ENTRIES,
     BackboneSpec,
@@ -27,6 +29,7 @@ from medtl.backbones.sources import ExpectedFile, expected_files, imagenet_check
 from medtl.backbones.weights import LoadReport, WeightsMismatchError
 
 __all__ = [
+    "BackboneScore",
     "BackboneSpec",
     "ChecksumError",
     "Classifier",
@@ -38,6 +41,7 @@ __all__ = [
     "WeightsMismatchError",
     "WeightsNotFoundError",
     "adapt_input_channels",
+    "check_batch",
     "create",
     "expected_files",
     "get_spec",
@@ -45,7 +49,11 @@ __all__ = [
     "inflate_to_3d",
     "list_backbones",
     "load_state_file",
+    "logme",
+    "normalize",
+    "parse_candidates",
     "preprocessing_for",
+    "rank_backbones",
     "sha256_file",
     "weights_dir",
 ]
