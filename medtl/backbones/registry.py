@@ -203,7 +203,7 @@ def preprocessing_for(name: str, weights: str, *, in_channels: int = 1) -> dict[
     """
     source, arg = source_of(weights)
     if source == "bundle":
-        meta = _read_bundle_meta(Path(arg))
+        meta = read_bundle_meta(Path(arg))
         recipe = meta.get("preprocessing", {})
         return dict(recipe.get("normalization", recipe))
     if source in ("none", "file"):
@@ -220,7 +220,7 @@ def _sources_of(name: str) -> str:
     return ", ".join(found + ["bundle:PATH", "PATH"])
 
 
-def _read_bundle_meta(folder: Path) -> dict[str, Any]:
+def read_bundle_meta(folder: Path) -> dict[str, Any]:
     meta_file = folder / "bundle.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{folder}: not a medtl bundle (bundle.json not found)")

@@ -25,7 +25,7 @@ from medtl.backbones.files import (
     strip_prefix,
     weights_dir,
 )
-from medtl.backbones.registry import REGISTRY, BackboneSpec, _read_bundle_meta, source_of
+from medtl.backbones.registry import REGISTRY, BackboneSpec, read_bundle_meta, source_of
 
 # torchvision's checkpoint names carry the first hex digits of the file's sha256.
 _NAME_HASH = re.compile(r"-([a-f0-9]{8,})\.")
@@ -216,7 +216,7 @@ def _read_torchxrayvision(spec: BackboneSpec, arg: str) -> SourceWeights:
 
 def _read_bundle(spec: BackboneSpec, arg: str) -> SourceWeights:
     folder = Path(arg)
-    meta = _read_bundle_meta(folder)
+    meta = read_bundle_meta(folder)
     model = meta.get("model", {})
     if model.get("backbone") != spec.name:
         raise ValueError(f"{folder}: the bundle's backbone is {model.get('backbone')!r}, not {spec.name!r}; build {model.get('backbone')!r}")

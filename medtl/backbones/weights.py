@@ -16,14 +16,10 @@ from typing import Any
 from torch import nn
 
 from medtl.backbones.adapt import adapt_input_channels, inflate_to_3d
-from medtl.backbones.files import ChecksumError, WeightsFormatError, WeightsNotFoundError
 from medtl.backbones.registry import BackboneSpec
 from medtl.backbones.sources import SourceWeights
 
 log = logging.getLogger("medtl.backbones")
-
-__all__ = ["ChecksumError", "LoadReport", "WeightsFormatError", "WeightsMismatchError", "WeightsNotFoundError", "transfer"]
-
 
 class WeightsMismatchError(ValueError):
     """Weights that do not fit the backbone; the message carries the load report."""

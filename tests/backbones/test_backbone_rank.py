@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +113,20 @@ def test_normalize_and_check_batch():
     inside = z[volume != 0]
     assert torch.all(z[volume == 0] == 0)
     assert inside.mean().abs() < 1e-5 and (inside.std(unbiased=False) - 1).abs() < 1e-4
+
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+
+
+@pytest.mark.shared_data
+def test_logme_on_real_chest_xrays():
+    """On PneumoniaMNIST, raw pixels carry the label: far more evidence than with shuffled labels."""
+    archive = SHARED / "pneumoniamnist" / "pneumoniamnist_trainval_28.npz"
+    if not archive.is_file():
+        pytest.skip(f"real data not available ({archive})")
+    data = np.load(archive)
+    pick = np.random.default_rng(0).permutation(len(data["train_labels"]))[:1500]
+    pixels = data["train_images"][pick].reshape(1500, -1) / 255.0
+    labels = data["train_labels"][pick, 0]
+    shuffled = np.random.default_rng(1).permutation(labels)
+    assert logme(pixels, labels) > logme(pixels, shuffled) + 0.3
