@@ -36,7 +36,11 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     backbone: str = "resnet18"
-    weights: str = Field("imagenet", description="imagenet | none | PATH to a state dict")
+    weights: str = Field(
+        "imagenet",
+        description="imagenet | none | medicalnet[:PATH] | radimagenet[:PATH] | torchxrayvision[:PATH] | bundle:PATH | "
+        "PATH to a state dict (see 'medtl weights list')",
+    )
     in_channels: int = Field(1, ge=1)
     allow_mismatch: bool = Field(False, description="Load weights even if some tensors do not match.")
 

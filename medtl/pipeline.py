@@ -19,7 +19,7 @@ import torch
 from monai.utils import set_determinism
 
 from medtl import bundle as bundles
-from medtl.backbones import create, preprocessing_for
+from medtl.backbones import check_batch, create, preprocessing_for
 from medtl.calibrate import make_calibrator
 from medtl.config import Config, dump_config
 from medtl.infer import ERROR_COLUMNS, iter_logits, write_table
@@ -114,7 +114,7 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         channels=mcfg.in_channels,
         intensity=data.intensity,
         ct_window=data.ct_window,
-        normalization=preprocessing_for(mcfg.backbone, mcfg.weights),
+        normalization=preprocessing_for(mcfg.backbone, mcfg.weights, in_channels=mcfg.in_channels),
     )
     workers = data.num_workers if num_workers is None else num_workers
     items = {name: labelled_items(recs, classes) for name, recs in parts.items()}
@@ -123,6 +123,9 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
     eval_transform = build_transforms(pre, train=False)
     eval_loaders = {name: make_loader(items[name], eval_transform, shuffle=False, **loader_args) for name in parts if name != "train"}
 
+    warning = check_batch(next(iter(eval_loaders["val"]))["image"], pre["normalization"])
+    if warning:
+        log.warning("%s", warning)
     weights = class_weights(items["train"], len(classes)) if tcfg.class_weighted else None
     trainer = Trainer(model, make_strategy(config.adapt.strategy), tcfg, class_weights=weights)
     fit = trainer.fit(train_loader, eval_loaders["val"], log_path=run_dir / "train_log.csv")

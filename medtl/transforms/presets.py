@@ -110,19 +110,25 @@ class IntensityPresetd(MapTransform):
 class WeightsNormalized(MapTransform):
     """Apply the normalisation the pretrained weights expect, from [0, 1] images.
 
-    ``normalization`` is the backbone registry's recipe: ``{"mean": m, "std": s}`` (scalars or one
-    per channel) or ``{"range": [lo, hi]}`` for models trained on e.g. [-1024, 1024] inputs.
+    ``normalization`` is the backbone registry's recipe (:func:`medtl.backbones.preprocessing_for`):
+    ``kind`` ``mean_std`` ((x - mean) / std, scalars or one per channel), ``range`` ([0, 1] mapped
+    onto e.g. [-1024, 1024]) or ``zscore`` (each image over its non-zero voxels, as MedicalNet).
     """
 
     def __init__(self, keys: KeysCollection, normalization: Mapping) -> None:
         super().__init__(keys)
-        if "range" in normalization:
+        kind = normalization.get("kind", "range" if "range" in normalization else "mean_std")
+        if kind == "range":
             lo, hi = normalization["range"]
             self._op = ScaleIntensityRange(0.0, 1.0, lo, hi)
-        else:
-            mean, std = normalization.get("mean", 0.0), normalization.get("std", 1.0)
+        elif kind == "zscore":
+            self._op = NormalizeIntensity(nonzero=True)
+        elif kind == "mean_std":
+            mean, std = normalization["mean"], normalization["std"]
             per_channel = isinstance(mean, Sequence)
             self._op = NormalizeIntensity(subtrahend=mean, divisor=std, channel_wise=per_channel)
+        else:
+            raise ValueError(f"unknown normalisation kind '{kind}' in {dict(normalization)}")
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
