@@ -16,14 +16,13 @@ import numpy as np
 from monai.transforms import (
     Compose,
     EnsureTyped,
-    LoadImaged,
     RandAdjustContrastd,
     RandAffined,
     RandGaussianNoised,
     Resized,
 )
 
-from medtl.io import scan_readers
+from medtl.io import LoadScand
 from medtl.transforms.presets import IntensityPresetd, NameFileErrors, ToSpatialDimsd, WeightsNormalized
 
 IMAGE = "image"
@@ -55,9 +54,9 @@ def make_preprocessing(
 
 
 def deterministic_transforms(pre: Mapping[str, Any]) -> list:
-    """Load -> spatial dims/channels -> intensity preset -> resize: the part worth caching."""
+    """Load (ScanReader) -> spatial dims/channels -> intensity preset -> resize: the part worth caching."""
     return [
-        LoadImaged(IMAGE, reader=scan_readers(), ensure_channel_first=True, image_only=True),
+        LoadScand(IMAGE),
         ToSpatialDimsd(IMAGE, pre["spatial_dims"], pre["channels"]),
         IntensityPresetd(IMAGE, pre["intensity"], pre["ct_window"]),
         Resized(IMAGE, spatial_size=pre["image_size"], mode="area" if pre["spatial_dims"] == 2 else "trilinear"),

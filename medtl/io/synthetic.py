@@ -1,0 +1,159 @@
+"""The embedded synthetic data set: two-site chest-radiograph-like scans written as real files.
+
+Each image is a smooth chest phantom (body, two dark lungs with rib shadows, mediastinum, spine)
+with random anatomy; ``opacity`` cases carry a soft consolidation blob inside one lung.  The
+sites differ the way real sites do:
+
+- site A: a 12-bit DX detector, linear response, written as DICOM (MONOCHROME2, rescale
+  slope 0.5 / intercept 100, 128 x 128 at 0.35 mm);
+- site B: a gamma-compressed, noisier, lower-resolution system, written as 8-bit PNG and
+  single-slice NIfTI (96 x 96).
+
+The held-out ``test/`` folder holds DICOM files of other patients from both sites, site B's as
+MONOCHROME1 (stored inverted), with ``test/labels.csv``.  Patient names and IDs in the DICOM
+headers are synthetic; medtl never copies them into its outputs.  Deterministic by ``seed``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from scipy import ndimage
+
+CLASSES = ("normal", "opacity")
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+_SLOPE, _INTERCEPT = 0.5, 100.0
+
+
+def chest_phantom(rng: np.random.Generator, size: int, opacity: bool) -> np.ndarray:
+    """A (size, size) float image in [0, 1], rows top to bottom; bright = dense."""
+    y, x = np.mgrid[0:size, 0:size] / size
+
+    def ellipse(cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+        return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
+
+    def jitter(scale: float) -> float:
+        return rng.uniform(-scale, scale)
+
+    img = np.zeros((size, size))
+    img[ellipse(0.55 + jitter(0.02), 0.5, 0.5, 0.44 + jitter(0.03))] = 0.55
+    lungs = []
+    for side in (-1, 1):
+        lung = ellipse(0.45 + jitter(0.03), 0.5 + side * (0.18 + jitter(0.02)), 0.3 + jitter(0.03), 0.14 + jitter(0.015))
+        lungs.append(lung)
+        img[lung] = 0.18
+    ribs = 0.06 * (np.sin(2 * np.pi * (y * (9 + jitter(1)) + 0.3 * np.abs(x - 0.5))) > 0.6)
+    img += ribs * (lungs[0] | lungs[1])
+    img[ellipse(0.62 + jitter(0.02), 0.54 + jitter(0.02), 0.14, 0.11 + jitter(0.02))] = 0.72
+    img[(np.abs(x - 0.5) < 0.035) & (y > 0.1)] = 0.68
+    if opacity:
+        lung = lungs[int(rng.integers(2))]
+        cy, cx = rng.choice(np.argwhere(lung)) / size
+        sigma = rng.uniform(0.05, 0.09)
+        blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * sigma**2))
+        img += rng.uniform(0.3, 0.45) * blob * ndimage.gaussian_filter(lung.astype(float), size * 0.03)
+    img = ndimage.gaussian_filter(img, size * 0.012)
+    return np.clip(img + rng.normal(0, 0.01, img.shape), 0, 1)
+
+
+def _site_image(rng: np.random.Generator, site: str, opacity: bool) -> np.ndarray:
+    """The phantom as site ``site`` acquires it, in [0, 1]."""
+    if site == "A":
+        img = chest_phantom(rng, 128, opacity)
+        return np.clip(img + rng.normal(0, 0.025, img.shape), 0, 1)
+    img = chest_phantom(rng, 64, opacity) ** 0.6  # gamma-compressed detector, lower resolution
+    img = ndimage.zoom(img, 96 / 64, order=1)
+    return np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1)
+
+
+def write_dicom(path: Path, image: np.ndarray, *, patient: str, uid_seed: str, monochrome1: bool = False,
+                pixel_spacing: float = 0.35) -> None:
+    """A DX For Presentation file: 12 bits stored, rescale slope/intercept, synthetic patient."""
+    raw = 150.0 + 1800.0 * image  # detector units
+    stored = np.round((raw - _INTERCEPT) / _SLOPE)
+    if monochrome1:
+        stored = 4095 - stored
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[uid_seed, "instance"])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = DX_FOR_PRESENTATION
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[uid_seed, "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[uid_seed, "series"])
+    ds.PatientName = f"SYNTHETIC^{patient}"
+    ds.PatientID = f"SYN-{patient}"
+    ds.PatientBirthDate = "19700101"
+    ds.Modality = "DX"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.InstanceNumber = 1
+    ds.Rows, ds.Columns = image.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = [pixel_spacing, pixel_spacing]
+    ds.ImagerPixelSpacing = [pixel_spacing, pixel_spacing]
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = _SLOPE, _INTERCEPT, "US"
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _write_nifti(path: Path, image: np.ndarray) -> None:
+    """A single-slice NIfTI, x along columns (MONAI's axis order), 0.5 mm pixels."""
+    volume = np.ascontiguousarray(image.T[:, :, None].astype(np.float32))
+    nib.save(nib.Nifti1Image(volume, np.diag([0.5, 0.5, 1.0, 1.0])), str(path))
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_synthetic(out: str | Path, *, seed: int = 0, patients_per_site: int = 110, test_per_site: int = 50,
+                    prevalence: float = 0.4) -> dict[str, Path]:
+    """Write the data set under ``out``; returns the paths of ``manifest``, ``test_dir`` and
+    ``test_labels``.  About 30 % of training patients have a second scan."""
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    rows, test_rows = [], []
+    for site in ("A", "B"):
+        for p in range(patients_per_site):
+            patient = f"{site}{p:04d}"
+            label = CLASSES[int(rng.random() < prevalence)]
+            for visit in range(1 + int(rng.random() < 0.3)):
+                image = _site_image(rng, site, label == "opacity")
+                if site == "A":
+                    name = f"site_a/{patient}_{visit}.dcm"
+                    write_dicom(out / name, image, patient=patient, uid_seed=f"{seed}-{patient}-{visit}")
+                elif rng.random() < 0.25:
+                    name = f"site_b/{patient}_{visit}.nii.gz"
+                    (out / name).parent.mkdir(parents=True, exist_ok=True)
+                    _write_nifti(out / name, image)
+                else:
+                    name = f"site_b/{patient}_{visit}.png"
+                    (out / name).parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(np.round(image * 255).astype(np.uint8)).save(out / name)
+                rows.append({"image": name, "label": label, "site": site, "patient_id": patient})
+        for p in range(test_per_site):
+            patient = f"T{site}{p:04d}"
+            label = CLASSES[int(rng.random() < prevalence)]
+            name = f"{patient}.dcm"
+            write_dicom(out / "test" / name, _site_image(rng, site, label == "opacity"), patient=patient,
+                        uid_seed=f"{seed}-{patient}", monochrome1=site == "B")
+            test_rows.append({"image": name, "label": label, "site": site})
+    _write_csv(out / "manifest.csv", rows)
+    _write_csv(out / "test" / "labels.csv", test_rows)
+    return {"manifest": out / "manifest.csv", "test_dir": out / "test", "test_labels": out / "test" / "labels.csv"}
