@@ -62,7 +62,11 @@ class TrainConfig(_Section):
 
 
 class CalibrationConfig(_Section):
-    method: Literal["temperature", "none"] = "temperature"
+    method: Literal["temperature", "vector", "matrix", "platt", "isotonic", "beta", "none"] = Field(
+        "temperature",
+        description="Post-hoc calibration of the logits on the validation split (medtl.calibrate); "
+        "platt and beta are binary-only.",
+    )
 
 
 class OperatingPointConfig(_Section):

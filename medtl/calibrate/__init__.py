@@ -1,0 +1,64 @@
+"""Post-hoc calibration of classifier logits, fitted on a validation split.
+
+Every calibrator has ``fit(logits, labels) -> self``, ``transform(logits) -> probabilities``,
+``to_dict()`` and ``from_dict(d)``.  Methods: ``temperature`` (default: one parameter, keeps
+the ranking), ``vector``, ``matrix``, ``isotonic`` (any number of classes), ``platt`` and
+``beta`` (binary only, class index 1 positive), and ``none`` (plain softmax).
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+from sklearn.exceptions import NotFittedError
+
+from medtl.calibrate.base import Calibrator
+from medtl.calibrate.binary import BetaCalibration, PlattScaling
+from medtl.calibrate.isotonic import IsotonicCalibration
+from medtl.calibrate.scaling import MatrixScaling, NoCalibration, TemperatureScaling, VectorScaling
+
+CALIBRATORS: dict[str, type[Calibrator]] = {
+    cls.method: cls
+    for cls in (
+        TemperatureScaling,
+        VectorScaling,
+        MatrixScaling,
+        PlattScaling,
+        IsotonicCalibration,
+        BetaCalibration,
+        NoCalibration,
+    )
+}
+
+
+def _lookup(method: Any) -> type[Calibrator]:
+    if not isinstance(method, str) or method not in CALIBRATORS:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of {sorted(CALIBRATORS)}")
+    return CALIBRATORS[method]
+
+
+def make_calibrator(method: str) -> Calibrator:
+    """An unfitted calibrator for ``method`` (a key of :data:`CALIBRATORS`)."""
+    return _lookup(method)()
+
+
+def calibrator_from_dict(d: Mapping[str, Any]) -> Calibrator:
+    """Rebuild a fitted calibrator from its ``to_dict()`` output (e.g. a bundle's ``bundle.json``)."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"a calibrator dict must be a mapping, got {type(d).__name__}")
+    return _lookup(d.get("method")).from_dict(d)
+
+
+__all__ = [
+    "CALIBRATORS",
+    "BetaCalibration",
+    "Calibrator",
+    "IsotonicCalibration",
+    "MatrixScaling",
+    "NoCalibration",
+    "NotFittedError",
+    "PlattScaling",
+    "TemperatureScaling",
+    "VectorScaling",
+    "calibrator_from_dict",
+    "make_calibrator",
+]
