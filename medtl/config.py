@@ -80,6 +80,13 @@ class OperatingPointConfig(_Section):
         return self
 
 
+class ReportConfig(_Section):
+    subgroups: list[str] = Field(
+        ["site"], description="Manifest columns to report every metric by (site, or any extra column); absent ones are skipped."
+    )
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the CIs that have no closed form.")
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -87,6 +94,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     operating_point: OperatingPointConfig = OperatingPointConfig()
+    report: ReportConfig = ReportConfig()
 
 
 class ConfigError(ValueError):

@@ -19,9 +19,10 @@ import torch
 from monai.utils import set_determinism
 
 from medtl import bundle as bundles
+from medtl.bundle.bundle import CONFIG_FILE as BUNDLE_CONFIG
 from medtl.backbones import check_batch, create, preprocessing_for
 from medtl.calibrate import make_calibrator
-from medtl.config import Config, dump_config
+from medtl.config import Config, dump_config, load_config
 from medtl.infer import ERROR_COLUMNS, iter_logits, write_table
 from medtl.io import ScanRecord, assign_splits, read_manifest
 from medtl.metrics import OperatingPoint, choose_operating_point
@@ -71,11 +72,14 @@ def _partition_summary(parts: dict[str, list[ScanRecord]], classes: Sequence[str
     return summary
 
 
-def _groups(records: Sequence[ScanRecord]) -> dict[str, list[str]] | None:
-    sites = [r.site for r in records]
-    if not any(sites):
-        return None
-    return {"site": [s or "unknown" for s in sites]}
+def _groups(records: Sequence[ScanRecord], columns: Sequence[str]) -> dict[str, list[str]] | None:
+    """Subgroup labels per case for each requested manifest column that has values."""
+    groups = {}
+    for column in columns:
+        values = [r.site if column == "site" else r.extra.get(column) for r in records]
+        if any(values):
+            groups[column] = [v or "unknown" for v in values]
+    return groups or None
 
 
 def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None) -> TrainOutcome:
@@ -196,10 +200,12 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         class_names=classes,
         positive_index=positive,
         operating_point=operating_point,
-        groups=_groups(parts[report_split]),
+        groups=_groups(parts[report_split], config.report.subgroups),
         info=info,
         history=fit.history,
         title=info["title"],
+        n_resamples=config.report.bootstrap,
+        seed=tcfg.seed,
     )
     return TrainOutcome(run_dir=run_dir, bundle=bundle_dir, report=run_dir / "report" / "report.html", metrics=metrics)
 
@@ -211,9 +217,11 @@ def evaluate(
     *,
     batch_size: int = 16,
     num_workers: int = 2,
+    subgroups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Report a bundle's performance on a labelled manifest, with its stored calibration and
-    operating point.  Unreadable scans are listed in ``errors.csv`` and left out of the metrics."""
+    operating point.  Unreadable scans are listed in ``errors.csv`` and left out of the metrics.
+    ``subgroups`` defaults to the training run's ``report.subgroups``."""
     predictor = bundles.load(bundle_path, device="cuda" if torch.cuda.is_available() else "cpu")
     records = [r for r in read_manifest(manifest) if r.label]
     unknown = sorted({r.label for r in records} - set(predictor.classes))
@@ -238,6 +246,7 @@ def evaluate(
     logits_arr = np.stack(logits)
     labels = np.array([predictor.classes.index(r.label) for r in kept])
     meta = predictor.meta
+    trained = load_config(Path(bundle_path) / BUNDLE_CONFIG)
     info = {
         "title": f"medtl evaluation: {meta['model']['backbone']} on {Path(manifest).name}",
         "evaluated_on": f"{manifest} ({len(kept)} scans; {len(failures)} unreadable, left out)",
@@ -246,6 +255,10 @@ def evaluate(
         "initial_weights": meta["model"].get("weights"),
         "backbone": meta["model"]["backbone"],
         "training": meta.get("training"),
+        "seed": trained.train.seed,
+        "transfer_method": trained.adapt.strategy,
+        "hyperparameters": trained.train.model_dump(mode="json"),
+        "preprocessing": meta["preprocessing"],
         "recalibration": f"{meta['calibration'].get('method')} (stored in the bundle, fitted on the training run's validation split)",
         "operating_point": meta.get("operating_point") or "argmax (multi-class)",
     }
@@ -257,7 +270,8 @@ def evaluate(
         class_names=predictor.classes,
         positive_index=predictor.positive_index,
         operating_point=predictor.operating_point,
-        groups=_groups(kept),
+        groups=_groups(kept, trained.report.subgroups if subgroups is None else subgroups),
         info=info,
         title=info["title"],
+        n_resamples=trained.report.bootstrap,
     )

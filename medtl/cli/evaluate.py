@@ -18,12 +18,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="Folder for the report.")
     p.add_argument("--batch-size", type=int, default=16, help="Scans per forward pass (default 16).")
     p.add_argument("--workers", type=int, default=2, help="Processes decoding scans in parallel (default 2).")
+    p.add_argument(
+        "--subgroups",
+        default=None,
+        help="Comma-separated manifest columns to report every metric by (default: the training config's "
+        "report.subgroups, normally 'site').",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from medtl.pipeline import evaluate
 
-    evaluate(args.bundle, args.manifest, args.out, batch_size=args.batch_size, num_workers=args.workers)
+    subgroups = None if args.subgroups is None else [c.strip() for c in args.subgroups.split(",") if c.strip()]
+    evaluate(args.bundle, args.manifest, args.out, batch_size=args.batch_size, num_workers=args.workers, subgroups=subgroups)
     print(f"report: {args.out / 'report.html'}")
     return 0
