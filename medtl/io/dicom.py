@@ -29,7 +29,7 @@ import numpy as np
 import pydicom
 from monai.data import ImageReader
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
 
 from medtl.io.errors import ScanReadError
 
@@ -60,7 +60,8 @@ def is_dicom_file(path: str | Path) -> bool:
 def read_header(path: str | Path, *, pixels: bool = False) -> pydicom.Dataset:
     """A DICOM dataset (without pixel data unless asked), or :class:`ScanReadError`.
 
-    Files without the preamble are accepted when they still parse into an image header."""
+    Files without the preamble are accepted when they still parse into a DICOM object (an image
+    header, a SOP class or a modality), so that the error for them says what they are."""
     try:
         return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except InvalidDicomError:
@@ -68,12 +69,25 @@ def read_header(path: str | Path, *, pixels: bool = False) -> pydicom.Dataset:
             ds = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
         except Exception as err:
             raise ScanReadError(path, f"not a DICOM file ({type(err).__name__}: {err})") from err
-        if "Rows" not in ds or (pixels and "PixelData" not in ds):
-            raise ScanReadError(path, "not a DICOM file (no DICM preamble and no image header)")
+        if not any(keyword in ds for keyword in ("Rows", "SOPClassUID", "Modality")):
+            raise ScanReadError(path, "not a DICOM file (no DICM preamble and no DICOM header)")
         ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
         return ds
     except (OSError, EOFError) as err:
         raise ScanReadError(path, f"cannot read the file ({type(err).__name__}: {err})") from err
+
+
+def is_image(ds: pydicom.Dataset) -> bool:
+    """True when a header (read with or without pixels) describes an image."""
+    return "Rows" in ds and "Columns" in ds
+
+
+def describe(ds: pydicom.Dataset) -> str:
+    """What a DICOM object is, for messages: modality and SOP class (never patient data)."""
+    sop = getattr(ds, "SOPClassUID", None) or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    parts = [str(getattr(ds, "Modality", "") or ""), getattr(sop, "name", None) or str(sop or "")]
+    known = [p for p in parts if p]
+    return " ".join([known[0], f"({known[1]})"] if len(known) == 2 else known) or "DICOM object of unknown type"
 
 
 def _syntax(ds: pydicom.Dataset) -> tuple[str, str]:
@@ -81,21 +95,39 @@ def _syntax(ds: pydicom.Dataset) -> tuple[str, str]:
     return (str(uid), uid.name) if uid is not None else ("unknown", "unknown transfer syntax")
 
 
+def decoder_hint(ds: pydicom.Dataset) -> str | None:
+    """Why a compressed syntax cannot be decoded here and what to install; None when a decoder
+    is installed (then the data itself is the problem)."""
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if uid is None or not uid.is_compressed:
+        return None
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        return f"pydicom has no decoder for transfer syntax {uid.name} ({uid}); convert the file (e.g. dcmtk's dcmdjpeg)"
+    if decoder.is_available:
+        return None
+    package = next((pkg for key, pkg in _DECODER_PACKAGE.items() if key in uid.name), "a pydicom pixel-data plugin")
+    return f"no decoder installed for transfer syntax {uid.name} ({uid}): install {package}, e.g. {CODECS_HINT}"
+
+
 def _decode(ds: pydicom.Dataset, path: Path) -> np.ndarray:
     """Stored pixel values, with a decoder hint for compressed syntaxes that fail."""
     if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise ScanReadError(path, "no pixel data (not an image: e.g. a structured report or a presentation state)")
+        raise ScanReadError(path, f"no pixel data: {describe(ds)}, not an image")
+    hint = decoder_hint(ds)
+    if hint:
+        raise ScanReadError(path, hint)
     try:
         return ds.pixel_array
     except Exception as err:
         uid, name = _syntax(ds)
-        message = str(err).splitlines()[0]
-        compressed = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        if compressed is not None and compressed.is_compressed:
-            package = next((pkg for key, pkg in _DECODER_PACKAGE.items() if key in name), "a pydicom pixel-data plugin")
+        message = " ".join(line.strip() for line in str(err).splitlines())
+        if getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) is not None and ds.file_meta.TransferSyntaxUID.is_compressed:
             raise ScanReadError(
                 path,
-                f"cannot decode transfer syntax {name} ({uid}): {message}. The decoder for it is {package}: {CODECS_HINT}",
+                f"cannot decode transfer syntax {name} ({uid}) with the installed decoders: {message}. "
+                "The data may be corrupt, or need another decoder (GDCM: pip install python-gdcm)",
             ) from err
         raise ScanReadError(path, f"pixel data cannot be read ({name}): {message}") from err
 
@@ -215,6 +247,22 @@ def _meta(ds: pydicom.Dataset, affine: np.ndarray, spatial_shape: Sequence[int],
     }
 
 
+def _frame_positions(ds: pydicom.Dataset, frames: int, normal: np.ndarray) -> np.ndarray | None:
+    """(frames, 3) LPS origins of a multi-frame file: enhanced per-frame positions, else
+    ImagePositionPatient moved along the normal by GridFrameOffsetVector (RT dose, NM), else None."""
+    groups = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
+    if groups is not None and len(groups) == frames:
+        positions = [_floats(_frame_item(ds, i, "PlanePositionSequence", "ImagePositionPatient"), 3) for i in range(frames)]
+        if all(p is not None for p in positions):
+            return np.stack(positions)
+    origin = _floats(getattr(ds, "ImagePositionPatient", None), 3)
+    offsets = _floats(getattr(ds, "GridFrameOffsetVector", None), frames)
+    if origin is not None and offsets is not None:
+        # relative offsets (first 0) and absolute ones (first = the origin's) alike
+        return origin[None] + (offsets - offsets[0])[:, None] * normal[None]
+    return None
+
+
 def _single_file(path: Path, *, voi: bool) -> tuple[np.ndarray, dict]:
     ds = read_header(path, pixels=True)
     values = to_display_values(_decode(ds, path), ds, voi=voi)
@@ -232,11 +280,10 @@ def _single_file(path: Path, *, voi: bool) -> tuple[np.ndarray, dict]:
     row, col = _orientation(_frame_item(ds, 0, "PlaneOrientationSequence", "ImageOrientationPatient"))
     measured = _floats(_frame_item(ds, 0, "PixelMeasuresSequence", "PixelSpacing"), 2)
     spacing = (float(measured[0]), float(measured[1])) if measured is not None else spacing
-    positions = [_floats(_frame_item(ds, i, "PlanePositionSequence", "ImagePositionPatient"), 3) for i in range(frames)]
     normal = np.cross(row, col)
+    pos = _frame_positions(ds, frames, normal)
     uniform = True
-    if all(p is not None for p in positions):
-        pos = np.stack(positions)
+    if pos is not None:
         order = np.argsort(pos @ normal, kind="stable")
         values, pos = values[order], pos[order]
         step_length, uniform = _check_spacing(pos, normal, str(path))
@@ -254,13 +301,21 @@ def _series_files(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
     """The DICOM files directly in a folder, headers only; stray files are skipped, two series
     are an error naming both."""
     headers = []
+    skipped = 0
     for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
-            headers.append((file, read_header(file)))
+            ds = read_header(file)
         except ScanReadError:
             log.warning("%s: skipped %s (not a DICOM file)", folder, file.name)
+            continue
+        if is_image(ds):
+            headers.append((file, ds))
+        else:
+            skipped += 1
+            log.warning("%s: skipped %s (%s: not an image)", folder, file.name, describe(ds))
     if not headers:
-        raise ScanReadError(folder, "no DICOM files in this folder")
+        found = f" ({skipped} DICOM objects without an image)" if skipped else ""
+        raise ScanReadError(folder, f"no DICOM images in this folder{found}")
     series = defaultdict(list)
     for file, ds in headers:
         series[str(getattr(ds, "SeriesInstanceUID", ""))].append(file)

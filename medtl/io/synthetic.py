@@ -157,3 +157,84 @@ def write_synthetic(out: str | Path, *, seed: int = 0, patients_per_site: int = 
     _write_csv(out / "manifest.csv", rows)
     _write_csv(out / "test" / "labels.csv", test_rows)
     return {"manifest": out / "manifest.csv", "test_dir": out / "test", "test_labels": out / "test" / "labels.csv"}
+
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def write_dicom_series(folder: str | Path, volume: np.ndarray, *, spacing=(1.0, 1.0, 1.0), patient: str = "X",
+                       uid_seed: str = "series", modality: str = "CT", shuffle_instances: bool = True) -> Path:
+    """Write a (x, y, z) volume of Hounsfield-like values as a CT series, one file per slice:
+    axial orientation, positions along z, rescale intercept -1024, InstanceNumbers shuffled (the
+    reader must sort by position).  Synthetic patient name and ID."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stored = np.clip(np.round(np.asarray(volume, dtype=np.float64) + 1024), 0, 4095).astype(np.uint16)
+    study = generate_uid(entropy_srcs=[uid_seed, "study"])
+    series = generate_uid(entropy_srcs=[uid_seed, "series"])
+    n = stored.shape[2]
+    instances = np.random.default_rng(n).permutation(n) + 1 if shuffle_instances else np.arange(n) + 1
+    for k in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CT_IMAGE
+        meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[uid_seed, str(k)])
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = f"SYNTHETIC^{patient}", f"SYN-{patient}", "19700101"
+        ds.Modality = modality
+        ds.InstanceNumber = int(instances[k])
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, float(k * spacing[2])]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # (between rows, between columns)
+        ds.SliceThickness = float(spacing[2])
+        ds.Rows, ds.Columns = stored.shape[1], stored.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+        ds.save_as(folder / f"slice{k:04d}.dcm", enforce_file_format=True)
+    return folder
+
+
+def phantom_3d(rng: np.random.Generator, size: int, lesion: bool) -> np.ndarray:
+    """A (size,)*3 volume in Hounsfield-like units: air, a soft-tissue ellipsoid (40 HU) with a
+    darker core, and for ``lesion`` cases a bright blob (+120 HU) at a random place inside."""
+    grid = np.stack(np.mgrid[0:size, 0:size, 0:size]) / size - 0.5
+    radii = np.array([0.42, 0.36, 0.45]) + rng.uniform(-0.03, 0.03, 3)
+    body = ((grid / radii[:, None, None, None]) ** 2).sum(0) <= 1
+    volume = np.where(body, 40.0, -1000.0)
+    volume[((grid / (radii[:, None, None, None] * 0.4)) ** 2).sum(0) <= 1] = 10.0
+    if lesion:
+        centre = rng.uniform(-0.18, 0.18, 3)
+        blob = np.exp(-((grid - centre[:, None, None, None]) ** 2).sum(0) / (2 * rng.uniform(0.06, 0.09) ** 2))
+        volume += 120.0 * blob * body
+    volume = ndimage.gaussian_filter(volume, 0.6)
+    return volume + rng.normal(0, 8.0, volume.shape)
+
+
+def write_synthetic_3d(out: str | Path, *, n: int = 24, size: int = 24, fmt: str = "nifti", seed: int = 0) -> Path:
+    """Write ``n`` small CT-like volumes, alternately normal and lesion, under ``out`` as NIfTI files
+    (``fmt="nifti"``, 1.5 mm voxels, RAS) or DICOM series folders (``fmt="dicom"``), with
+    ``out/manifest.csv``; returns the manifest path.  Deterministic by ``seed``."""
+    if fmt not in ("nifti", "dicom"):
+        raise ValueError(f"fmt must be 'nifti' or 'dicom', got '{fmt}'")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = ("normal", "lesion")[i % 2]
+        volume = phantom_3d(rng, size, label == "lesion")
+        patient = f"V{i:04d}"
+        if fmt == "nifti":
+            name = f"{patient}.nii.gz"
+            nib.save(nib.Nifti1Image(volume.astype(np.float32), np.diag([1.5, 1.5, 1.5, 1.0])), str(out / name))
+        else:
+            name = patient
+            write_dicom_series(out / name, volume, spacing=(1.5, 1.5, 1.5), patient=patient, uid_seed=f"{seed}-{patient}")
+        rows.append({"image": name, "label": label, "patient_id": patient})
+    _write_csv(out / "manifest.csv", rows)
+    return out / "manifest.csv"

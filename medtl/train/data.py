@@ -1,14 +1,19 @@
-"""From manifest records to DataLoaders: class indexing, caching and batching."""
+"""From manifest records to DataLoaders: class indexing, caching (memory or disk) and batching."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 
 from medtl.io import ScanRecord
+from medtl.transforms import recipe_key
 
 
 def resolve_classes(records: Sequence[ScanRecord], configured: Sequence[str] | None = None) -> list[str]:
@@ -37,6 +42,44 @@ def class_weights(items: Sequence[dict], num_classes: int) -> torch.Tensor:
     return weights
 
 
+def default_cache_dir() -> Path:
+    """Where disk caches live: ``$MEDTL_CACHE_DIR``, else ``~/.cache/medtl/preprocessed``."""
+    configured = os.environ.get("MEDTL_CACHE_DIR")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "medtl" / "preprocessed"
+
+
+def _item_hash(item: dict) -> bytes:
+    """Disk-cache key of one item: its path, size and modification time (a replaced scan is
+    decoded again), and its label."""
+    path = Path(item["image"])
+    try:
+        stat = path.stat()
+        stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+    except OSError:
+        stamp = "missing"
+    return hashlib.blake2b(f"{path.resolve()}|{stamp}|{item.get('label')}".encode(), digest_size=16).hexdigest().encode()
+
+
+def make_dataset(items: Sequence[dict], transform, *, cache: str = "none", cache_dir: str | Path | None = None,
+                 recipe: Mapping[str, Any] | None = None, num_workers: int = 0) -> Dataset:
+    """A MONAI dataset whose deterministic transforms run once per scan: ``memory`` caches them up
+    front in RAM (``CacheDataset``), ``disk`` on first use under ``cache_dir/<recipe hash>``
+    (``PersistentDataset``: a new recipe gets a new folder, so a change of transforms rebuilds
+    the cache), ``none`` re-decodes every epoch."""
+    items = list(items)
+    if cache == "memory":
+        return CacheDataset(items, transform=transform, num_workers=max(1, num_workers), progress=True)
+    if cache == "disk":
+        if recipe is None:
+            raise ValueError("cache='disk' needs the preprocessing recipe to key the cache")
+        folder = Path(cache_dir or default_cache_dir()) / recipe_key(recipe)
+        folder.mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(items, transform=transform, cache_dir=folder, hash_func=_item_hash)
+    if cache == "none":
+        return Dataset(items, transform=transform)
+    raise ValueError(f"unknown cache '{cache}': choose memory, disk or none")
+
+
 def make_loader(
     items: Sequence[dict],
     transform,
@@ -44,17 +87,14 @@ def make_loader(
     batch_size: int,
     shuffle: bool,
     num_workers: int,
-    cache: bool,
+    cache: str = "memory",
+    cache_dir: str | Path | None = None,
+    recipe: Mapping[str, Any] | None = None,
     seed: int = 0,
-    desc: str = "caching",
 ) -> DataLoader:
-    """A DataLoader over ``items``; with ``cache`` the deterministic transforms run once, up
-    front, in memory (MONAI ``CacheDataset``), so later epochs do no decoding.  MONAI's
-    DataLoader seeds each worker's random transforms differently."""
-    if cache:
-        dataset = CacheDataset(list(items), transform=transform, num_workers=max(1, num_workers), progress=True)
-    else:
-        dataset = Dataset(list(items), transform=transform)
+    """A DataLoader over ``items`` with the caching of :func:`make_dataset`.  MONAI's DataLoader
+    seeds each worker's random transforms differently."""
+    dataset = make_dataset(items, transform, cache=cache, cache_dir=cache_dir, recipe=recipe, num_workers=num_workers)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,

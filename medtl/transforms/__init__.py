@@ -1,6 +1,14 @@
 """MONAI preprocessing: from a scan file to the tensor the backbone expects."""
 
-from medtl.transforms.pipeline import IMAGE, build_transforms, deterministic_transforms, make_preprocessing
+from medtl.transforms.pipeline import (
+    FITS,
+    IMAGE,
+    ScanCompose,
+    build_transforms,
+    deterministic_transforms,
+    make_preprocessing,
+    recipe_key,
+)
 from medtl.transforms.presets import (
     INTENSITY_PRESETS,
     IntensityPresetd,
@@ -10,13 +18,16 @@ from medtl.transforms.presets import (
 )
 
 __all__ = [
+    "FITS",
     "IMAGE",
     "INTENSITY_PRESETS",
     "IntensityPresetd",
     "NameFileErrors",
+    "ScanCompose",
     "ToSpatialDimsd",
     "WeightsNormalized",
     "build_transforms",
     "deterministic_transforms",
     "make_preprocessing",
+    "recipe_key",
 ]

@@ -4,10 +4,19 @@ The recipe is a plain dict stored in every bundle, so training, evaluation and b
 share one definition of "what the model sees":
 
     {"spatial_dims": 2, "image_size": [224, 224], "channels": 1, "intensity": "auto",
-     "ct_window": [40, 400], "normalization": {"source": "imagenet", "mean": 0.449, "std": 0.226}}
+     "ct_window": [40, 400], "target_spacing": null, "orientation": null, "fit": "resize",
+     "normalization": {"source": "imagenet", "mean": 0.449, "std": 0.226}}
+
+Volumes (``spatial_dims`` 3) are turned to RAS.  ``fit`` says how a scan meets ``image_size``:
+``resize`` scales the whole field of view (the default when no ``target_spacing`` is given, since
+voxel sizes then differ between scans anyway); ``crop_pad`` centre-crops or pads (the default with
+a ``target_spacing``, so every voxel keeps the physical size the resampling gave it).
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,16 +25,21 @@ import numpy as np
 from monai.transforms import (
     Compose,
     EnsureTyped,
+    Orientationd,
     RandAdjustContrastd,
     RandAffined,
     RandGaussianNoised,
     Resized,
+    ResizeWithPadOrCropd,
+    Spacingd,
 )
 
+from medtl import __version__
 from medtl.io import LoadScand
-from medtl.transforms.presets import IntensityPresetd, NameFileErrors, ToSpatialDimsd, WeightsNormalized
+from medtl.transforms.presets import IntensityPresetd, NameFileErrors, ToSpatialDimsd, WeightsNormalized, scan_error
 
 IMAGE = "image"
+FITS = ("resize", "crop_pad")
 
 
 def make_preprocessing(
@@ -36,31 +50,55 @@ def make_preprocessing(
     intensity: str,
     ct_window: Sequence[float],
     normalization: Mapping[str, Any],
+    target_spacing: Sequence[float] | float | None = None,
+    fit: str | None = None,
 ) -> dict[str, Any]:
-    """Assemble (and validate) a preprocessing recipe."""
-    size = [int(image_size)] * spatial_dims if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size]
-    if len(size) == 1:
-        size = size * spatial_dims
-    if len(size) != spatial_dims:
-        raise ValueError(f"image_size {size} does not have {spatial_dims} entries")
+    """Assemble (and validate) a preprocessing recipe; ``fit`` None picks by ``target_spacing``."""
+
+    def per_axis(value, name: str, cast) -> list:
+        values = [cast(value)] * spatial_dims if np.isscalar(value) else [cast(v) for v in value]
+        values = values * spatial_dims if len(values) == 1 else values
+        if len(values) != spatial_dims:
+            raise ValueError(f"{name} {values} does not have {spatial_dims} entries")
+        return values
+
+    spacing = None if target_spacing is None else per_axis(target_spacing, "target_spacing", float)
+    if spacing is not None and min(spacing) <= 0:
+        raise ValueError(f"target_spacing {spacing} must be positive")
+    fit = fit or ("crop_pad" if spacing is not None else "resize")
+    if fit not in FITS:
+        raise ValueError(f"fit '{fit}' is not one of {FITS}")
     return {
         "spatial_dims": spatial_dims,
-        "image_size": size,
+        "image_size": per_axis(image_size, "image_size", int),
         "channels": channels,
         "intensity": intensity,
         "ct_window": [float(v) for v in ct_window],
+        "target_spacing": spacing,
+        "orientation": "RAS" if spatial_dims == 3 else None,
+        "fit": fit,
         "normalization": dict(normalization),
     }
 
 
 def deterministic_transforms(pre: Mapping[str, Any]) -> list:
-    """Load (ScanReader) -> spatial dims/channels -> intensity preset -> resize: the part worth caching."""
-    return [
-        LoadScand(IMAGE),
-        ToSpatialDimsd(IMAGE, pre["spatial_dims"], pre["channels"]),
-        IntensityPresetd(IMAGE, pre["intensity"], pre["ct_window"]),
-        Resized(IMAGE, spatial_size=pre["image_size"], mode="area" if pre["spatial_dims"] == 2 else "trilinear"),
-    ]
+    """Load (ScanReader) -> spatial dims/channels -> [orientation] -> [spacing] -> intensity
+    preset -> resize or crop/pad -> plain float32 tensor: the part worth caching.  Recipes from before ``orientation``,
+    ``target_spacing`` and ``fit`` existed rebuild the chain they were trained with."""
+    dims = pre["spatial_dims"]
+    chain = [LoadScand(IMAGE), ToSpatialDimsd(IMAGE, dims, pre["channels"])]
+    if pre.get("orientation"):
+        chain.append(Orientationd(IMAGE, axcodes=pre["orientation"], labels=None))
+    if pre.get("target_spacing"):
+        chain.append(Spacingd(IMAGE, pixdim=pre["target_spacing"], mode="bilinear"))
+    chain.append(IntensityPresetd(IMAGE, pre["intensity"], pre["ct_window"]))
+    if pre.get("fit", "resize") == "crop_pad":
+        chain.append(ResizeWithPadOrCropd(IMAGE, spatial_size=pre["image_size"]))
+    else:
+        chain.append(Resized(IMAGE, spatial_size=pre["image_size"], mode="area" if dims == 2 else "trilinear"))
+    # geometry and modality are used up: a plain tensor caches smaller and copies faster
+    chain.append(EnsureTyped(IMAGE, dtype=np.float32, track_meta=False))
+    return chain
 
 
 def augmentations(pre: Mapping[str, Any]) -> list:
@@ -81,6 +119,20 @@ def augmentations(pre: Mapping[str, Any]) -> list:
     ]
 
 
+class ScanCompose(Compose):
+    """``Compose`` that lets a :class:`~medtl.io.ScanReadError` out as itself, not wrapped in MONAI's
+    ``RuntimeError("applying transform ...")``, so callers see the scan and the reason."""
+
+    def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
+        try:
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+        except RuntimeError as err:
+            named = scan_error(err)
+            if named is None:
+                raise
+            raise named from None
+
+
 def build_transforms(pre: Mapping[str, Any], *, train: bool = False) -> Compose:
     """The full chain for one split; ``train`` adds augmentation after the cacheable part.
 
@@ -90,4 +142,10 @@ def build_transforms(pre: Mapping[str, Any], *, train: bool = False) -> Compose:
     if train:
         chain += augmentations(pre)
     chain += [WeightsNormalized(IMAGE, pre["normalization"]), EnsureTyped(IMAGE, dtype=np.float32, track_meta=False)]
-    return Compose(chain)
+    return ScanCompose(chain)
+
+
+def recipe_key(pre: Mapping[str, Any]) -> str:
+    """A short hash of a recipe: the name of its disk cache, so a change of transforms starts a new one."""
+    text = json.dumps(pre, sort_keys=True, default=str)
+    return hashlib.blake2b(f"{__version__}:{text}".encode(), digest_size=8).hexdigest()

@@ -53,7 +53,10 @@ class ToSpatialDimsd(MapTransform):
             return img[:3].float().mean(dim=0, keepdim=True)
         if img.shape[0] == 1:
             return img.repeat(self.channels, *([1] * self.spatial_dims))
-        raise ValueError(f"cannot map {img.shape[0]} image channels onto a {self.channels}-channel model")
+        raise ValueError(
+            f"cannot map {img.shape[0]} image channels onto a {self.channels}-channel model "
+            "(a 4D file's fourth axis, e.g. time, counts as channels: split it into 3D volumes)"
+        )
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -137,6 +140,14 @@ class WeightsNormalized(MapTransform):
         return d
 
 
+def scan_error(err: BaseException) -> ScanReadError | None:
+    """The :class:`ScanReadError` in an exception's cause chain (MONAI wraps each transform's
+    failure in ``RuntimeError("applying transform ...")``), or None."""
+    while err is not None and not isinstance(err, ScanReadError):
+        err = err.__cause__
+    return err
+
+
 class NameFileErrors(Transform):
     """Run a chain of transforms on one item and, if it fails, raise :class:`ScanReadError`
     naming the scan, so no error from deep inside a reader reaches the user without its file."""
@@ -148,8 +159,9 @@ class NameFileErrors(Transform):
     def __call__(self, data: Mapping[Hashable, Any]) -> Any:
         try:
             return self.chain(data)
-        except ScanReadError:
-            raise
         except Exception as err:  # any reader or transform failure becomes a named, reasoned error
+            named = scan_error(err)
+            if named is not None:
+                raise named from None
             cause = err.__cause__ or err
             raise ScanReadError(data.get(self.key), f"{type(cause).__name__}: {cause}") from err
