@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,13 +65,52 @@ class _GuardedScans(Dataset):
             return {"path": path, "error": str(err)}
 
 
-def _collate(items: list[dict]) -> dict:
+@dataclass
+class Batch:
+    """Preprocessed scans ready for the model, and the scans of the same chunk that failed."""
+
+    paths: list[str]
+    images: torch.Tensor | None
+    failed: list[tuple[str, str]]
+
+
+def _collate(items: list[dict]) -> Batch:
     good = [item for item in items if "image" in item]
-    return {
-        "paths": [item["path"] for item in good],
-        "images": torch.stack([item["image"] for item in good]) if good else None,
-        "failed": [(item["path"], item["error"]) for item in items if "error" in item],
-    }
+    return Batch(
+        paths=[item["path"] for item in good],
+        images=torch.stack([item["image"] for item in good]) if good else None,
+        failed=[(item["path"], item["error"]) for item in items if "error" in item],
+    )
+
+
+def default_workers(device: torch.device) -> int:
+    """Decode processes for ``device``: on a GPU, enough cores to keep it fed (up to 8); on the
+    CPU, a quarter of the cores (at least one), since every decode worker takes a core from the
+    forward pass and decoding costs a fraction of a forward."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores - 1)) if device.type == "cuda" else max(1, cores // 4)
+
+
+def load_batches(
+    predictor: Predictor,
+    paths: Sequence[str | Path],
+    *,
+    batch_size: int = 16,
+    num_workers: int | None = None,
+) -> Iterator[Batch]:
+    """Decode and preprocess ``paths`` in DataLoader workers (one thread each, a few batches
+    ahead, pinned memory on a GPU), in input order; ``num_workers=None`` picks
+    :func:`default_workers`."""
+    workers = default_workers(predictor.device) if num_workers is None else num_workers
+    dataset = _GuardedScans([str(p) for p in paths], predictor.transforms())
+    yield from DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=predictor.device.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None,
+    )
 
 
 def iter_batches(
@@ -78,28 +118,20 @@ def iter_batches(
     paths: Sequence[str | Path],
     *,
     batch_size: int = 16,
-    num_workers: int = 2,
+    num_workers: int | None = None,
+    forward: Callable[[torch.Tensor], np.ndarray] | None = None,
 ) -> Iterator[list[ScanResult]]:
     """Yield the results of each batch of scans: failures first, then logits in input order.
 
-    DataLoader workers decode and preprocess the next batches while the model runs on this one.
-    """
-    dataset = _GuardedScans([str(p) for p in paths], predictor.transforms())
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=predictor.device.type == "cuda",
-        prefetch_factor=4 if num_workers > 0 else None,
-        persistent_workers=False,
-    )
-    for batch in loader:
-        results = [ScanResult(path, error=reason) for path, reason in batch["failed"]]
-        for path, reason in batch["failed"]:
+    Workers decode and preprocess the next batches while the model runs on this one.
+    ``forward`` maps a batch to its logits (default :meth:`Predictor.logits`)."""
+    forward = forward or predictor.logits
+    for batch in load_batches(predictor, paths, batch_size=batch_size, num_workers=num_workers):
+        results = [ScanResult(path, error=reason) for path, reason in batch.failed]
+        for path, reason in batch.failed:
             log.warning("skipped %s: %s", path, reason)
-        if batch["images"] is not None:
-            results += [ScanResult(p, logits=row) for p, row in zip(batch["paths"], predictor.logits(batch["images"]))]
+        if batch.images is not None:
+            results += [ScanResult(p, logits=row) for p, row in zip(batch.paths, forward(batch.images))]
         yield results
 
 

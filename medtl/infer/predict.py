@@ -2,7 +2,10 @@
 
 Re-running the same command skips scans already in the output (matched by name and content
 fingerprint) and appends the rest.  Under ``torchrun`` each rank predicts its share of the scans
-into its own part file and rank 0 merges the parts, in input order, into the output.
+into its own part file and rank 0 merges the parts, in input order, into the output.  With
+``tta`` each scan is also predicted shifted a few pixels, and the spread across those views
+decides the uncertainty flag; with ``cam_dir`` a Grad-CAM overlay is written per scan before
+its row, so a resumed run never lacks one.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from medtl.bundle import Predictor
-from medtl.infer.batch import ScanResult, fingerprint, gather_inputs, iter_batches
+from medtl.infer.autobatch import auto_batch_size
+from medtl.infer.batch import fingerprint, gather_inputs, load_batches
+from medtl.infer.cam import CamWriter
 from medtl.infer.table import ResultTable, read_rows, write_table
+from medtl.infer.tta import tta_logits, tta_probabilities
 
 log = logging.getLogger(__name__)
 
 ERROR_COLUMNS = ("image", "error")
+TTA_MARGIN = 2.0  # with --tta, uncertain when the threshold is within this many spreads
 
 
 @dataclass
@@ -38,9 +45,10 @@ class PredictSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)
 
 
-def uncertain(predictor: Predictor, probs: np.ndarray, band: float) -> np.ndarray:
+def uncertain(predictor: Predictor, probs: np.ndarray, band: float | np.ndarray) -> np.ndarray:
     """Flag predictions near the decision boundary: within ``band`` of the operating threshold
-    (binary), or a top-two probability margin below ``band`` (multi-class)."""
+    (binary), or a top-two probability margin below ``band`` (multi-class).  ``band`` may be
+    one value per scan (e.g. from the test-time-augmentation spread)."""
     if predictor.operating_point is not None and predictor.positive_index is not None:
         return np.abs(probs[:, predictor.positive_index] - predictor.operating_point.threshold) < band
     top2 = np.sort(probs, axis=1)[:, -2:]
@@ -67,24 +75,50 @@ def _part(path: Path, rank: int, world: int) -> Path:
     return path if world == 1 else path.with_name(f"{path.name}.part-{rank}")
 
 
+def _rows(predictor: Predictor, names: list[str], logits: np.ndarray, band: float, fingerprints: list[str]) -> list[dict]:
+    """Output rows for a batch of logits ``(B, C)``, or ``(B, views, C)`` with test-time
+    augmentation (then probabilities are the views' mean and ``tta_std`` their spread)."""
+    if logits.ndim == 3:
+        probs, spread = tta_probabilities(predictor, logits)
+        flags = uncertain(predictor, probs, TTA_MARGIN * spread)
+    else:
+        probs, spread = predictor.calibrate(logits), None
+        flags = uncertain(predictor, probs, band)
+    decisions = predictor.decide(probs)
+    rows = []
+    for i, name in enumerate(names):
+        row = {"image": name, **{f"prob_{c}": round(float(p), 6) for c, p in zip(predictor.classes, probs[i])}}
+        row.update(pred=predictor.classes[int(decisions[i])], uncertain=int(flags[i]))
+        if spread is not None:
+            row["tta_std"] = round(float(spread[i]), 6)
+        rows.append({**row, "fingerprint": fingerprints[i]})
+    return rows
+
+
 def predict_scans(
     predictor: Predictor,
     source: str | Path,
     out: str | Path,
     *,
     fmt: str = "csv",
-    batch_size: int = 16,
-    num_workers: int = 2,
+    batch_size: int | str = "auto",
+    num_workers: int | None = None,
     uncertain_band: float = 0.1,
+    tta: bool = False,
+    cam_dir: str | Path | None = None,
     progress: bool = True,
 ) -> PredictSummary:
     """Predict every scan under ``source`` into ``out`` (CSV or JSON Lines), resuming a
-    previous run of the same command; unreadable scans go to ``<out stem>.errors.csv``."""
+    previous run of the same command; unreadable scans go to ``<out stem>.errors.csv``.
+
+    ``batch_size="auto"`` times a few sizes (:func:`auto_batch_size`); ``num_workers=None``
+    picks the decode processes for the device; ``tta`` adds shifted views and a ``tta_std``
+    column; ``cam_dir`` receives a Grad-CAM overlay PNG per scan."""
     out = Path(out)
     rank, world = _rank_world()
     paths, root = gather_inputs(source)
     names = [_display_name(p, root) for p in paths]
-    columns = ["image", *[f"prob_{c}" for c in predictor.classes], "pred", "uncertain", "fingerprint"]
+    columns = ["image", *[f"prob_{c}" for c in predictor.classes], "pred", "uncertain", *(["tta_std"] if tta else []), "fingerprint"]
 
     done_rows = read_rows(out, fmt) if world > 1 else []
     for other in range(world):
@@ -102,28 +136,24 @@ def predict_scans(
             todo.append((paths[index], key[1]))
     table = ResultTable(_part(out, rank, world), columns, fmt)
     fingerprints = dict(todo)
+    cams = CamWriter(predictor, cam_dir) if cam_dir is not None else None
+    forward = (lambda images: tta_logits(predictor, images)) if tta else predictor.logits
+    if batch_size == "auto":
+        batch_size = auto_batch_size(predictor, len(todo))
     failures: list[tuple[str, str]] = []
 
     with tqdm(total=len(todo), desc=f"predicting (rank {rank})" if world > 1 else "predicting", unit="scan",
               disable=not progress, position=rank) as bar:
-        for results in iter_batches(predictor, [p for p, _ in todo], batch_size=batch_size, num_workers=num_workers):
-            good: list[ScanResult] = [r for r in results if r.error is None]
-            failures += [(_display_name(r.image, root), r.error) for r in results if r.error is not None]
-            if good:
-                probs = predictor.calibrate(np.stack([r.logits for r in good]))
-                decisions = predictor.decide(probs)
-                flags = uncertain(predictor, probs, uncertain_band)
-                table.append(
-                    {
-                        "image": _display_name(r.image, root),
-                        **{f"prob_{c}": round(float(p), 6) for c, p in zip(predictor.classes, row)},
-                        "pred": predictor.classes[int(d)],
-                        "uncertain": int(flag),
-                        "fingerprint": fingerprints[r.image],
-                    }
-                    for r, row, d, flag in zip(good, probs, decisions, flags)
-                )
-            bar.update(len(results))
+        for batch in load_batches(predictor, [p for p, _ in todo], batch_size=int(batch_size), num_workers=num_workers):
+            for path, reason in batch.failed:
+                log.warning("skipped %s: %s", _display_name(path, root), reason)
+                failures.append((_display_name(path, root), reason))
+            if batch.images is not None:
+                good = [_display_name(p, root) for p in batch.paths]
+                if cams is not None:
+                    cams.write(good, batch.images)
+                table.append(_rows(predictor, good, forward(batch.images), uncertain_band, [fingerprints[p] for p in batch.paths]))
+            bar.update(len(batch.paths) + len(batch.failed))
 
     errors_path = out.with_name(out.stem + ".errors.csv")
     write_table(_part(errors_path, rank, world), ERROR_COLUMNS, [dict(zip(ERROR_COLUMNS, f)) for f in failures])
