@@ -1,5 +1,56 @@
-"""Transfer: fine-tuning strategies (and, later, domain-adaptation losses)."""
+"""Transfer: fine-tuning strategies, domain-adaptation losses, normalisation-layer adaptation
+(AdaBN, TENT) and label-free model-selection scores.  See docs/adapt.md."""
 
-from medtl.adapt.strategies import STRATEGIES, FullFineTuning, LinearProbe, make_strategy
+from medtl.adapt.blocks import Block, backbone_blocks
+from medtl.adapt.domain import (
+    TRAINING_METHODS,
+    ConditionalDomainAdversarialLoss,
+    CoralLoss,
+    DomainAdversarialLoss,
+    DomainDiscriminator,
+    DomainTerm,
+    GradientReverseFunction,
+    GradientReverseLayer,
+    MultiKernelMMDLoss,
+    dann_coefficient,
+    make_domain_loss,
+    prediction_entropy,
+    reverse_gradient,
+)
+from medtl.adapt.norm import Tent, adabn, adapt_normalization, batch_statistics, norm_affine_parameters
+from medtl.adapt.selection import SCORES, information_maximization, negative_entropy, soft_neighborhood_density, target_scores
+from medtl.adapt.strategies import LPFT, STRATEGIES, FullFineTuning, GradualUnfreeze, LinearProbe, make_strategy
 
-__all__ = ["STRATEGIES", "FullFineTuning", "LinearProbe", "make_strategy"]
+__all__ = [
+    "Block",
+    "ConditionalDomainAdversarialLoss",
+    "CoralLoss",
+    "DomainAdversarialLoss",
+    "DomainDiscriminator",
+    "DomainTerm",
+    "FullFineTuning",
+    "GradientReverseFunction",
+    "GradientReverseLayer",
+    "GradualUnfreeze",
+    "LPFT",
+    "LinearProbe",
+    "MultiKernelMMDLoss",
+    "SCORES",
+    "STRATEGIES",
+    "TRAINING_METHODS",
+    "Tent",
+    "adabn",
+    "adapt_normalization",
+    "backbone_blocks",
+    "batch_statistics",
+    "dann_coefficient",
+    "information_maximization",
+    "make_domain_loss",
+    "make_strategy",
+    "negative_entropy",
+    "norm_affine_parameters",
+    "prediction_entropy",
+    "reverse_gradient",
+    "soft_neighborhood_density",
+    "target_scores",
+]
