@@ -44,10 +44,27 @@ def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def test_registry_matches_config_choices():
-    assert set(CALIBRATORS) == set(typing.get_args(CalibrationConfig.model_fields["method"].annotation))
+    assert set(CALIBRATORS) | {"auto"} == set(typing.get_args(CalibrationConfig.model_fields["method"].annotation))
     for name, cls in CALIBRATORS.items():
         calibrator = make_calibrator(name)
         assert isinstance(calibrator, cls) and isinstance(calibrator, Calibrator) and calibrator.method == name
+
+
+def test_auto_is_platt_for_two_classes_and_temperature_otherwise():
+    assert make_calibrator("auto", 2).method == "platt"
+    assert make_calibrator("auto", 5).method == "temperature"
+    with pytest.raises(ValueError, match="number of classes"):
+        make_calibrator("auto")
+
+
+def test_platt_never_reverses_the_ranking():
+    rng = np.random.default_rng(0)
+    margin = rng.normal(size=400)
+    labels = (rng.random(400) < 1 / (1 + np.exp(3 * margin))).astype(int)  # anti-correlated scores
+    logits = np.column_stack([np.zeros(400), margin])
+    calibrator = make_calibrator("platt").fit(logits, labels)
+    assert calibrator.slope_ == 0.0
+    np.testing.assert_allclose(calibrator.transform(logits)[:, 1], labels.mean(), atol=1e-6)
 
 
 def test_temperature_recovers_known_temperature():

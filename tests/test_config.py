@@ -9,7 +9,7 @@ def test_defaults_without_file():
     config = load_config()
     assert config == Config()
     assert config.model.backbone == "resnet18" and config.model.weights == "imagenet"
-    assert config.calibration.method == "temperature"
+    assert config.calibration.method == "auto"
 
 
 def test_file_overrides_and_relative_manifest(tmp_path: Path):

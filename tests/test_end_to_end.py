@@ -26,7 +26,7 @@ def test_cli_synth_train_evaluate_predict(tmp_path):
                  "report/report.html", "report/metrics.json"):
         assert (run / name).is_file(), name
     meta = json.loads((run / "bundle" / "bundle.json").read_text())
-    assert meta["calibration"]["method"] == "temperature"
+    assert meta["calibration"]["method"] == "platt"  # calibration auto, binary
     assert meta["operating_point"]["method"] == "youden"
     assert list(run.joinpath("report").glob("*.png")), "report plots"
 

@@ -36,8 +36,16 @@ def _lookup(method: Any) -> type[Calibrator]:
     return CALIBRATORS[method]
 
 
-def make_calibrator(method: str) -> Calibrator:
-    """An unfitted calibrator for ``method`` (a key of :data:`CALIBRATORS`)."""
+def make_calibrator(method: str, n_classes: int | None = None) -> Calibrator:
+    """An unfitted calibrator for ``method`` (a key of :data:`CALIBRATORS`, or ``auto``).
+
+    ``auto`` is Platt scaling for two classes (slope and intercept: it also corrects a model
+    that is biased towards one class, which temperature alone cannot) and temperature scaling
+    otherwise (one parameter, safe on small validation sets)."""
+    if method == "auto":
+        if n_classes is None:
+            raise ValueError("calibration 'auto' needs the number of classes")
+        method = "platt" if n_classes == 2 else "temperature"
     return _lookup(method)()
 
 

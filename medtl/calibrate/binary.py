@@ -33,7 +33,8 @@ def _two_columns(eta: np.ndarray) -> np.ndarray:
 
 
 class PlattScaling(Calibrator):
-    """Platt (1999): ``P(y = 1) = sigmoid(A * (z1 - z0) + B)`` on the logit margin."""
+    """Platt (1999): ``P(y = 1) = sigmoid(A * (z1 - z0) + B)`` on the logit margin, ``A >= 0`` so
+    the ranking (and the AUROC) of the model is never reversed."""
 
     method = "platt"
     binary_only = True
@@ -45,7 +46,8 @@ class PlattScaling(Calibrator):
 
     def _fit(self, logits: np.ndarray, labels: np.ndarray) -> None:
         margin = (logits[:, 1] - logits[:, 0])[:, None]
-        self.slope_, self.intercept_ = map(float, _fit_logistic(margin, labels == 1, np.array([1.0, 0.0])))
+        fit = _fit_logistic(margin, labels == 1, np.array([1.0, 0.0]), bounds=[(0.0, None), (None, None)])
+        self.slope_, self.intercept_ = map(float, fit)
 
     def _transform(self, logits: np.ndarray) -> np.ndarray:
         return _two_columns(self.slope_ * (logits[:, 1] - logits[:, 0]) + self.intercept_)
