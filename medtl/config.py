@@ -20,6 +20,7 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     manifest: Path | None = Field(None, description="Manifest CSV (image, label[, site, patient_id, split]).")
+    target_manifest: Path | None = Field(None, description="Unlabelled target-site scans for adapt.domain (labels ignored).")
     spatial_dims: Literal[2, 3] = 2
     image_size: list[int] | None = Field(None, description="Network input size; default: the backbone's.")
     intensity: Literal["auto", "cxr", "ct", "mr", "none"] = Field(
@@ -29,7 +30,22 @@ class DataConfig(_Section):
     classes: list[str] | None = Field(None, description="Class order; default: sorted label names.")
     positive_class: str | None = Field(None, description="Binary positive class; default: the last class.")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Validation share when the manifest has no split.")
-    cache: Literal["memory", "none"] = "memory"
+    target_spacing: list[float] | None = Field(
+        None, description="Resample to this voxel spacing in mm (one value per axis, or one for all); default: keep."
+    )
+    fit: Literal["resize", "crop_pad"] | None = Field(
+        None, description="How scans meet image_size: resize, or centre crop/pad; default crop_pad with "
+        "target_spacing (keeps voxel size), else resize."
+    )
+    cache: Literal["memory", "disk", "none"] = Field(
+        "memory", description="Cache preprocessed scans: memory (CacheDataset), disk (PersistentDataset under "
+        "cache_dir, keyed by the preprocessing recipe) or none."
+    )
+    cache_dir: Path | None = Field(None, description="Disk cache folder; default $MEDTL_CACHE_DIR or ~/.cache/medtl/preprocessed.")
+    skip_unreadable: bool = Field(
+        False, description="Train without scans whose headers cannot be read (listed in RUN_DIR/unreadable.csv); "
+        "default: refuse to start."
+    )
     augment: bool = True
     num_workers: int = Field(2, ge=0)
 
@@ -46,14 +62,39 @@ class ModelConfig(_Section):
 
 
 class AdaptConfig(_Section):
-    strategy: Literal["full", "linear_probe"] = Field("full", description="Fine-tuning strategy (medtl.adapt).")
+    """Transfer: fine-tuning strategy and options, domain adaptation, label-free model selection (docs/adapt.md)."""
+
+    strategy: Literal["full", "linear_probe", "lp_ft", "gradual_unfreeze"] = Field(
+        "full", description="Fine-tuning strategy (medtl.adapt)."
+    )
+    probe_epochs: int | None = Field(None, ge=1, description="lp_ft: epochs of stage 1 (head only); default half of train.epochs.")
+    stage2_lr_factor: float = Field(0.1, gt=0, description="lp_ft: stage-2 rates are the configured ones times this.")
+    unfreeze_every: int = Field(1, ge=1, description="gradual_unfreeze: epochs between unfreezing one more block from the top.")
+    layer_decay: float = Field(1.0, gt=0, le=1, description="Each backbone block its own group at lr * layer_decay**depth from the top.")
+    head_lr_multiplier: float = Field(10.0, gt=0, description="Head rate = lr x this (unless train.head_lr is set).")
+    l2sp: float = Field(0.0, ge=0, description="L2-SP weight: penalty towards the pretrained backbone weights (replaces their decay).")
+    bn: Literal["train", "frozen_stats", "frozen"] = Field(
+        "train", description="BatchNorm: train | frozen_stats (running statistics kept) | frozen (statistics and affine kept)."
+    )
+    domain: Literal["none", "dann", "cdan", "coral", "mmd", "adabn", "tent"] = Field(
+        "none", description="Domain adaptation to the unlabelled target scans (rows with a site and no label, or data.target_manifest)."
+    )
+    domain_weight: float = Field(1.0, ge=0, description="Weight of the domain loss (dann, cdan, coral, mmd).")
+    cdan_entropy: bool = Field(True, description="cdan: weight examples by prediction certainty (CDAN+E).")
+    tent_steps: int = Field(1, ge=1, description="tent: passes over the target scans.")
+    tent_lr: float = Field(1e-4, gt=0, description="tent: Adam rate on the normalisation affine parameters.")
+    selection: Literal["source_val", "im", "entropy", "snd"] = Field(
+        "source_val",
+        description="Early stopping / best epoch: source validation AUROC, or a label-free score on the target scans "
+        "(information maximisation, negative entropy, soft neighbourhood density).",
+    )
 
 
 class TrainConfig(_Section):
     epochs: int = Field(12, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-4, gt=0, description="Backbone learning rate (AdamW).")
-    head_lr: float | None = Field(None, description="Head learning rate; default 10x lr for full, lr for probing.")
+    head_lr: float | None = Field(None, description="Head learning rate; default lr x adapt.head_lr_multiplier.")
     weight_decay: float = Field(1e-4, ge=0)
     class_weighted: bool = Field(False, description="Weight the loss by inverse class frequency.")
     patience: int = Field(4, ge=1, description="Early stopping: epochs without validation AUROC gain.")
@@ -62,10 +103,10 @@ class TrainConfig(_Section):
 
 
 class CalibrationConfig(_Section):
-    method: Literal["temperature", "vector", "matrix", "platt", "isotonic", "beta", "none"] = Field(
-        "temperature",
+    method: Literal["auto", "temperature", "vector", "matrix", "platt", "isotonic", "beta", "none"] = Field(
+        "auto",
         description="Post-hoc calibration of the logits on the validation split (medtl.calibrate); "
-        "platt and beta are binary-only.",
+        "auto = platt for two classes, temperature otherwise; platt and beta are binary-only.",
     )
 
 
@@ -133,9 +174,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     except ValidationError as err:
         where = f"{path}" if path else "config"
         raise ConfigError(f"{where} is invalid:\n{err}") from None
-    manifest = config.data.manifest
-    if manifest is not None and not manifest.is_absolute():
-        config.data.manifest = (base / manifest).resolve()
+    for key in ("manifest", "target_manifest"):
+        value = getattr(config.data, key)
+        if value is not None and not value.is_absolute():
+            setattr(config.data, key, (base / value).resolve())
     return config
 
 

@@ -24,12 +24,12 @@ from medtl.backbones import check_batch, create, preprocessing_for
 from medtl.calibrate import make_calibrator
 from medtl.config import Config, dump_config, load_config
 from medtl.infer import ERROR_COLUMNS, iter_logits, write_table
-from medtl.io import ScanRecord, assign_splits, read_manifest
+from medtl.io import ScanReadError, ScanRecord, assign_splits, read_manifest, unreadable_scans
 from medtl.metrics import OperatingPoint, choose_operating_point
 from medtl.report import write_report
-from medtl.train import Trainer, class_weights, labelled_items, make_loader, resolve_classes
+from medtl.train import FitResult, Trainer, class_weights, labelled_items, make_loader, resolve_classes
 from medtl.transforms import build_transforms, make_preprocessing
-from medtl.adapt import make_strategy
+from medtl.adapt import TRAINING_METHODS, adapt_normalization, make_domain_loss, make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,15 @@ def _partition_summary(parts: dict[str, list[ScanRecord]], classes: Sequence[str
     return summary
 
 
+def _selection_text(fit: FitResult, patience: int) -> str:
+    """How the kept epoch was chosen, in plain words for the report."""
+    if fit.selection == "source_val":
+        how = f"highest source validation AUROC ({fit.best_auroc:.4f})"
+    else:
+        how = f"highest label-free target score '{fit.selection}' ({fit.best_score:.4f}; no target labels used)"
+    return f"epoch {fit.best_epoch} of {len(fit.history)}, {how}; early stopping patience {patience}"
+
+
 def _groups(records: Sequence[ScanRecord], columns: Sequence[str]) -> dict[str, list[str]] | None:
     """Subgroup labels per case for each requested manifest column that has values."""
     groups = {}
@@ -80,6 +89,41 @@ def _groups(records: Sequence[ScanRecord], columns: Sequence[str]) -> dict[str, 
         if any(values):
             groups[column] = [v or "unknown" for v in values]
     return groups or None
+
+
+def _target_records(records: Sequence[ScanRecord], config: Config) -> list[ScanRecord]:
+    """Unlabelled target scans: manifest rows with a site and no label, plus ``data.target_manifest``
+    (its labels, if any, are not used).  Required when ``adapt`` needs them."""
+    targets = [r for r in records if not r.label and r.site]
+    if config.data.target_manifest is not None:
+        targets += read_manifest(config.data.target_manifest)
+    adapt = config.adapt
+    if not targets and (adapt.domain != "none" or adapt.selection != "source_val"):
+        raise ValueError(
+            f"{config.data.manifest}: adapt.domain={adapt.domain} / adapt.selection={adapt.selection} need unlabelled "
+            "target scans: rows with a site and no label, or data.target_manifest"
+        )
+    return targets
+
+
+def _readable(parts: dict[str, list[ScanRecord]], *, skip: bool, run_dir: Path) -> dict[str, list[ScanRecord]]:
+    """Check every scan's header before training: refuse to start on unreadable scans (listing
+    them all), or with ``skip`` leave them out and list them in ``RUN_DIR/unreadable.csv``."""
+    records = [r for recs in parts.values() for r in recs]
+    bad = dict(unreadable_scans([r.image for r in records]))
+    if not bad:
+        return parts
+    listing = "\n".join(f"  {path}: {reason}" for path, reason in bad.items())
+    if not skip:
+        raise ScanReadError(None, f"{len(bad)} of {len(records)} scans cannot be read:\n{listing}\n"
+                                  "fix or remove them, or set data.skip_unreadable: true to train without them")
+    write_table(run_dir / "unreadable.csv", ERROR_COLUMNS, [{"image": p, "error": r} for p, r in bad.items()])
+    log.warning("left out %d unreadable scans (listed in %s):\n%s", len(bad), run_dir / "unreadable.csv", listing)
+    kept = {name: [r for r in recs if str(r.image) not in bad] for name, recs in parts.items()}
+    for name in ("train", "val"):
+        if not kept.get(name):
+            raise ValueError(f"the '{name}' split has no readable scans left")
+    return {k: v for k, v in kept.items() if v}
 
 
 def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None) -> TrainOutcome:
@@ -95,6 +139,7 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
 
     records = assign_splits(read_manifest(data.manifest), val_fraction=data.val_fraction, seed=tcfg.seed)
     labelled = [r for r in records if r.label]
+    targets = _target_records(records, config)
     classes = resolve_classes(labelled, data.classes)
     positive = _positive_index(classes, data.positive_class)
     parts = {name: [r for r in labelled if r.split == name] for name in ("train", "val", "test")}
@@ -102,6 +147,7 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         if not parts[name]:
             raise ValueError(f"{data.manifest}: the '{name}' split is empty")
     parts = {k: v for k, v in parts.items() if v}
+    parts = _readable(parts, skip=data.skip_unreadable, run_dir=run_dir)
 
     mcfg = config.model
     model = create(
@@ -119,23 +165,37 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         intensity=data.intensity,
         ct_window=data.ct_window,
         normalization=preprocessing_for(mcfg.backbone, mcfg.weights, in_channels=mcfg.in_channels),
+        target_spacing=data.target_spacing,
+        fit=data.fit,
     )
     workers = data.num_workers if num_workers is None else num_workers
     items = {name: labelled_items(recs, classes) for name, recs in parts.items()}
-    loader_args = dict(batch_size=tcfg.batch_size, num_workers=workers, cache=data.cache == "memory", seed=tcfg.seed)
+    loader_args = dict(batch_size=tcfg.batch_size, num_workers=workers, cache=data.cache, cache_dir=data.cache_dir, recipe=pre, seed=tcfg.seed)
     train_loader = make_loader(items["train"], build_transforms(pre, train=data.augment), shuffle=True, **loader_args)
     eval_transform = build_transforms(pre, train=False)
     eval_loaders = {name: make_loader(items[name], eval_transform, shuffle=False, **loader_args) for name in parts if name != "train"}
+
+    acfg = config.adapt
+    target_items = [{"image": str(r.image), "label": -1} for r in targets]
+    target_eval = make_loader(target_items, eval_transform, shuffle=False, **loader_args) if targets else None
+    target_train = None
+    if acfg.domain in TRAINING_METHODS:
+        target_train = make_loader(target_items, build_transforms(pre, train=data.augment), shuffle=True, **loader_args)
 
     warning = check_batch(next(iter(eval_loaders["val"]))["image"], pre["normalization"])
     if warning:
         log.warning("%s", warning)
     weights = class_weights(items["train"], len(classes)) if tcfg.class_weighted else None
-    trainer = Trainer(model, make_strategy(config.adapt.strategy), tcfg, class_weights=weights)
-    fit = trainer.fit(train_loader, eval_loaders["val"], log_path=run_dir / "train_log.csv")
+    domain = make_domain_loss(acfg.domain, model.feature_dim, len(classes), weight=acfg.domain_weight, entropy_conditioning=acfg.cdan_entropy)
+    trainer = Trainer(model, make_strategy(acfg), tcfg, class_weights=weights, domain=domain, selection=acfg.selection)
+    fit = trainer.fit(
+        train_loader, eval_loaders["val"], target_loader=target_train, target_eval_loader=target_eval, log_path=run_dir / "train_log.csv"
+    )
+    if target_eval is not None:
+        adapt_normalization(trainer.model, acfg.domain, target_eval, tent_lr=acfg.tent_lr, tent_steps=acfg.tent_steps, device=trainer.device)
 
     val_logits, val_labels = trainer.predict_logits(eval_loaders["val"])
-    calibrator = make_calibrator(config.calibration.method).fit(val_logits, val_labels)
+    calibrator = make_calibrator(config.calibration.method, len(classes)).fit(val_logits, val_labels)
     operating_point: OperatingPoint | None = None
     if positive is not None:
         opcfg = config.operating_point
@@ -154,6 +214,8 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         "best_epoch": fit.best_epoch,
         "best_val_auroc": fit.best_auroc,
         "epochs_run": len(fit.history),
+        "selection": fit.selection,
+        "adaptation": {"strategy": acfg.strategy, "domain": acfg.domain, "target_scans": len(targets)},
         "seconds": round(time.perf_counter() - started, 1),
         "partitions": partitions,
     }
@@ -184,12 +246,12 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         "seed": tcfg.seed,
         "initial_weights": mcfg.weights,
         "backbone": mcfg.backbone,
-        "transfer_method": config.adapt.strategy,
+        "transfer_method": config.adapt.strategy if acfg.domain == "none" else f"{acfg.strategy} + {acfg.domain} ({len(targets)} unlabelled target scans)",
         "partitions": partitions,
         "hyperparameters": config.train.model_dump(mode="json"),
         "preprocessing": pre,
-        "model_selection": f"epoch {fit.best_epoch} of {len(fit.history)}, highest validation AUROC ({fit.best_auroc:.4f}); early stopping patience {tcfg.patience}",
-        "recalibration": f"{config.calibration.method} scaling fitted on the validation split ({len(val_labels)} scans)",
+        "model_selection": _selection_text(fit, tcfg.patience),
+        "recalibration": f"{calibrator.method} fitted on the validation split ({len(val_labels)} scans)",
         "operating_point": operating_point.to_dict() if operating_point else "argmax (multi-class)",
     }
     metrics = write_report(
