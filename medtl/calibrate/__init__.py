@@ -1,9 +1,10 @@
 """Post-hoc calibration of classifier logits, fitted on a validation split.
 
 Every calibrator has ``fit(logits, labels) -> self``, ``transform(logits) -> probabilities``,
-``to_dict()`` and ``from_dict(d)``.  Methods: ``temperature`` (default: one parameter, keeps
-the ranking), ``vector``, ``matrix``, ``isotonic`` (any number of classes), ``platt`` and
-``beta`` (binary only, class index 1 positive), and ``none`` (plain softmax).
+``to_dict()`` and ``from_dict(d)``.  Methods: ``temperature`` (one parameter, keeps the
+ranking), ``vector``, ``matrix``, ``isotonic`` (any number of classes), ``platt`` and ``beta``
+(binary only, class index 1 positive), and ``none`` (plain softmax); ``auto`` (the config
+default) is Platt scaling for two classes and temperature scaling otherwise.
 """
 
 from collections.abc import Mapping
