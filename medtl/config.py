@@ -92,14 +92,25 @@ class AdaptConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(12, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="Images per optimizer step over all processes (split evenly across torchrun ranks).")
+    accumulate: int = Field(1, ge=1, description="Gradient accumulation: micro-batches of batch_size / accumulate per optimizer step.")
     lr: float = Field(3e-4, gt=0, description="Backbone learning rate (AdamW).")
     head_lr: float | None = Field(None, description="Head learning rate; default lr x adapt.head_lr_multiplier.")
     weight_decay: float = Field(1e-4, ge=0)
     class_weighted: bool = Field(False, description="Weight the loss by inverse class frequency.")
     patience: int = Field(4, ge=1, description="Early stopping: epochs without validation AUROC gain.")
     seed: int = 0
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    deterministic: bool = Field(False, description="Deterministic algorithms only (torch + cuDNN): bit-reproducible on GPU, slower.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (under torchrun, auto = this rank's GPU)")
+    amp: Literal["auto", "bf16", "fp16", "none"] = Field(
+        "auto", description="Mixed precision: auto = bf16 where the GPU supports it, else fp16 with a grad scaler; none on CPU."
+    )
+    channels_last: bool | None = Field(None, description="Channels-last memory format for 2D CNNs; default on for CUDA.")
+    checkpointing: bool = Field(False, description="Activation checkpointing of the backbone blocks (large 3D volumes).")
+    sync_bn: bool = Field(
+        False, description="Under torchrun, BatchNorm statistics over the whole batch of all GPUs (SyncBatchNorm); default per GPU."
+    )
+    checkpoint_every: int = Field(1, ge=1, description="Write RUN_DIR/checkpoint.pt every this many epochs (and at the end).")
 
 
 class CalibrationConfig(_Section):

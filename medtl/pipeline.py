@@ -7,15 +7,17 @@ Batch prediction lives in :mod:`medtl.infer`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from monai.utils import set_determinism
 
 from medtl import bundle as bundles
@@ -27,7 +29,10 @@ from medtl.infer import ERROR_COLUMNS, iter_logits, write_table
 from medtl.io import ScanReadError, ScanRecord, assign_splits, read_manifest, unreadable_scans
 from medtl.metrics import OperatingPoint, choose_operating_point
 from medtl.report import write_report
-from medtl.train import FitResult, Trainer, class_weights, labelled_items, make_loader, resolve_classes
+from medtl.train import (
+    CHECKPOINT_FILE, FitResult, Trainer, class_weights, is_main, labelled_items, make_loader, micro_batch_size, resolve_classes,
+    world_size,
+)
 from medtl.transforms import build_transforms, make_preprocessing
 from medtl.adapt import TRAINING_METHODS, adapt_normalization, make_domain_loss, make_strategy
 
@@ -42,6 +47,7 @@ class TrainOutcome:
     bundle: Path
     report: Path
     metrics: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
 
 
 def _positive_index(classes: Sequence[str], configured: str | None) -> int | None:
@@ -117,7 +123,8 @@ def _readable(parts: dict[str, list[ScanRecord]], *, skip: bool, run_dir: Path) 
     if not skip:
         raise ScanReadError(None, f"{len(bad)} of {len(records)} scans cannot be read:\n{listing}\n"
                                   "fix or remove them, or set data.skip_unreadable: true to train without them")
-    write_table(run_dir / "unreadable.csv", ERROR_COLUMNS, [{"image": p, "error": r} for p, r in bad.items()])
+    if is_main():
+        write_table(run_dir / "unreadable.csv", ERROR_COLUMNS, [{"image": p, "error": r} for p, r in bad.items()])
     log.warning("left out %d unreadable scans (listed in %s):\n%s", len(bad), run_dir / "unreadable.csv", listing)
     kept = {name: [r for r in recs if str(r.image) not in bad] for name, recs in parts.items()}
     for name in ("train", "val"):
@@ -126,11 +133,38 @@ def _readable(parts: dict[str, list[ScanRecord]], *, skip: bool, run_dir: Path) 
     return {k: v for k, v in kept.items() if v}
 
 
-def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None) -> TrainOutcome:
-    """Train, calibrate and bundle a classifier as ``config`` says; write the report."""
-    run_dir = Path(out_dir)
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def _start_run(run_dir: Path, config: Config, resume: bool) -> None:
+    """Record the resolved config and package versions in the run folder (rank 0 writes).  A
+    resumed run must have the config it started with (exact resume depends on it)."""
+    text = dump_config(config)
+    if resume:
+        if not (run_dir / CHECKPOINT_FILE).is_file():
+            raise FileNotFoundError(f"cannot resume: {run_dir / CHECKPOINT_FILE} does not exist")
+        stored, now = _flat(yaml.safe_load((run_dir / "config.yaml").read_text())), _flat(config.model_dump(mode="json"))
+        changed = sorted(k for k in stored.keys() | now.keys() if stored.get(k) != now.get(k))
+        if changed:
+            raise ValueError(f"cannot resume {run_dir}: the config differs from the run's config.yaml in {', '.join(changed)}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(config))
+    if is_main():
+        (run_dir / "config.yaml").write_text(text)
+        (run_dir / "versions.json").write_text(json.dumps(bundles.package_versions(), indent=2))
+
+
+def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None, resume: bool = False) -> TrainOutcome | None:
+    """Train, calibrate and bundle a classifier as ``config`` says; write the report.
+
+    ``resume``: continue the interrupted run in ``out_dir`` from its ``checkpoint.pt``.  Under
+    torchrun every rank trains; rank 0 alone calibrates and writes bundle and report (the other
+    ranks return None)."""
+    run_dir = Path(out_dir)
+    _start_run(run_dir, config, resume)
     data, tcfg = config.data, config.train
     if data.manifest is None:
         raise ValueError("data.manifest is not set (give it in the config or with --set data.manifest=PATH)")
@@ -170,7 +204,8 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
     )
     workers = data.num_workers if num_workers is None else num_workers
     items = {name: labelled_items(recs, classes) for name, recs in parts.items()}
-    loader_args = dict(batch_size=tcfg.batch_size, num_workers=workers, cache=data.cache, cache_dir=data.cache_dir, recipe=pre, seed=tcfg.seed)
+    batch_size = micro_batch_size(tcfg.batch_size, tcfg.accumulate, world_size())
+    loader_args = dict(batch_size=batch_size, num_workers=workers, cache=data.cache, cache_dir=data.cache_dir, recipe=pre, seed=tcfg.seed)
     train_loader = make_loader(items["train"], build_transforms(pre, train=data.augment), shuffle=True, **loader_args)
     eval_transform = build_transforms(pre, train=False)
     eval_loaders = {name: make_loader(items[name], eval_transform, shuffle=False, **loader_args) for name in parts if name != "train"}
@@ -189,8 +224,11 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
     domain = make_domain_loss(acfg.domain, model.feature_dim, len(classes), weight=acfg.domain_weight, entropy_conditioning=acfg.cdan_entropy)
     trainer = Trainer(model, make_strategy(acfg), tcfg, class_weights=weights, domain=domain, selection=acfg.selection)
     fit = trainer.fit(
-        train_loader, eval_loaders["val"], target_loader=target_train, target_eval_loader=target_eval, log_path=run_dir / "train_log.csv"
+        train_loader, eval_loaders["val"], target_loader=target_train, target_eval_loader=target_eval, log_path=run_dir / "train_log.csv",
+        checkpoint=run_dir / CHECKPOINT_FILE, resume=resume,
     )
+    if not is_main():
+        return None
     if target_eval is not None:
         adapt_normalization(trainer.model, acfg.domain, target_eval, tent_lr=acfg.tent_lr, tent_steps=acfg.tent_steps, device=trainer.device)
 
@@ -269,7 +307,8 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         n_resamples=config.report.bootstrap,
         seed=tcfg.seed,
     )
-    return TrainOutcome(run_dir=run_dir, bundle=bundle_dir, report=run_dir / "report" / "report.html", metrics=metrics)
+    return TrainOutcome(run_dir=run_dir, bundle=bundle_dir, report=run_dir / "report" / "report.html", metrics=metrics,
+                        training={**training, "evaluated_on": report_split, "calibration": calibrator.method})
 
 
 def evaluate(

@@ -1,8 +1,13 @@
-"""``medtl train CONFIG.yaml``: train, calibrate and bundle a classifier, and write its report."""
+"""``medtl train CONFIG.yaml``: train, calibrate and bundle a classifier, and write its report.
+
+Under ``torchrun --nproc_per_node=N -m medtl train CONFIG`` the same command trains on N
+processes (DDP); ``--resume RUN_DIR`` continues an interrupted run from its checkpoint.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -14,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="Train a classifier from a YAML config.",
         description="Fine-tune a pretrained backbone on a manifest of scans, calibrate it on the validation split, "
-        "choose the operating point, and write RUN_DIR/bundle/, RUN_DIR/report/ and RUN_DIR/train_log.csv.",
+        "choose the operating point, and write RUN_DIR/bundle/, RUN_DIR/report/ and RUN_DIR/train_log.csv. "
+        "Runs data-parallel when started by torchrun (see docs/training.md).",
     )
     p.add_argument("config", type=Path, help="YAML config (see configs/ for templates; unset fields take defaults).")
     p.add_argument(
@@ -26,19 +32,40 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Override a config field, e.g. --set train.epochs=5 --set model.weights=none (repeatable).",
     )
     p.add_argument("--out", type=Path, default=None, help="Run folder (default: runs/<config name>-<time>).")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="Continue the interrupted run in RUN_DIR from RUN_DIR/checkpoint.pt (same config and --set).")
     p.set_defaults(func=run)
+
+
+def _summary(outcome) -> str:
+    """The end-of-run summary: kept epoch, headline AUROC with CI, calibration, where files are."""
+    t, run = outcome.training, outcome.run_dir
+    lines = [f"best epoch {t['best_epoch']} of {t['epochs_run']} ({t['selection']}: val AUROC {t['best_val_auroc']:.4f}), "
+             f"{t['seconds']:.0f} s"]
+    calibrated = outcome.metrics.get("calibrated", {})
+    if "auroc" in calibrated:
+        auc = calibrated["auroc"]
+        lines.append(f"AUROC {auc['auc']:.4f} (95% CI {auc['ci'][0]:.4f}-{auc['ci'][1]:.4f}) on the {t['evaluated_on']} split")
+    ece = {k: outcome.metrics.get(k, {}).get("calibration", {}).get("ece", {}).get("value") for k in ("uncalibrated", "calibrated")}
+    if None not in ece.values():
+        lines.append(f"calibration {t['calibration']}: ECE {ece['uncalibrated']:.4f} -> {ece['calibrated']:.4f}")
+    lines += [f"bundle: {outcome.bundle}", f"report: {outcome.report}",
+              f"log: {run / 'train_log.csv'}; checkpoint: {run / 'checkpoint.pt'}; config and versions: {run}"]
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     from medtl.pipeline import train
+    from medtl.train.distributed import broadcast, distributed_session, is_main
 
     config = load_config(args.config, args.overrides)
-    out = args.out or Path("runs") / f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    outcome = train(config, out)
-    summary = outcome.metrics.get("calibrated", {})
-    print(f"bundle: {outcome.bundle}")
-    print(f"report: {outcome.report}")
-    if "auroc" in summary:
-        auc = summary["auroc"]
-        print(f"AUROC {auc['auc']:.4f} (95% CI {auc['ci'][0]:.4f}-{auc['ci'][1]:.4f})")
+    if args.resume is not None and args.out is not None and args.out.resolve() != args.resume.resolve():
+        raise SystemExit("medtl train: give --resume RUN_DIR or --out RUN_DIR, not two different folders")
+    with distributed_session():
+        if not is_main():  # one voice in the terminal: rank 0's
+            logging.getLogger().setLevel(logging.WARNING)
+        out = args.resume or args.out or Path("runs") / broadcast(f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        outcome = train(config, out, resume=args.resume is not None)
+    if outcome is not None:  # rank 0 (or a single process)
+        print(_summary(outcome))
     return 0

@@ -1,15 +1,24 @@
-"""Training: data loaders and the fine-tuning loop."""
+"""Training: data loaders, the fine-tuning loop, distributed runs and resumable checkpoints."""
 
-from medtl.train.data import class_weights, labelled_items, make_loader, resolve_classes
+from medtl.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from medtl.train.data import class_weights, labelled_items, make_loader, micro_batch_size, resolve_classes
+from medtl.train.distributed import distributed_session, is_main, world_size
 from medtl.train.trainer import FitResult, Trainer, auroc, resolve_device
 
 __all__ = [
+    "CHECKPOINT_FILE",
     "FitResult",
     "Trainer",
     "auroc",
     "class_weights",
+    "distributed_session",
+    "is_main",
     "labelled_items",
+    "load_checkpoint",
     "make_loader",
+    "micro_batch_size",
     "resolve_classes",
     "resolve_device",
+    "save_checkpoint",
+    "world_size",
 ]

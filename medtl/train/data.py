@@ -11,8 +11,11 @@ from typing import Any
 
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from torch.utils.data import DataLoader as TorchDataLoader
+from torch.utils.data import DistributedSampler
 
 from medtl.io import ScanRecord
+from medtl.train.distributed import rank, world_size
 from medtl.transforms import recipe_key
 
 
@@ -80,6 +83,16 @@ def make_dataset(items: Sequence[dict], transform, *, cache: str = "none", cache
     raise ValueError(f"unknown cache '{cache}': choose memory, disk or none")
 
 
+def micro_batch_size(batch_size: int, accumulate: int = 1, processes: int = 1) -> int:
+    """Images per forward pass in each process: ``train.batch_size`` is the images per optimizer
+    step over all processes, split across ``processes`` and ``accumulate`` micro-batches."""
+    parts = accumulate * processes
+    if batch_size % parts:
+        raise ValueError(f"train.batch_size={batch_size} must be divisible by train.accumulate x processes = "
+                         f"{accumulate} x {processes}")
+    return batch_size // parts
+
+
 def make_loader(
     items: Sequence[dict],
     transform,
@@ -92,17 +105,42 @@ def make_loader(
     recipe: Mapping[str, Any] | None = None,
     seed: int = 0,
 ) -> DataLoader:
-    """A DataLoader over ``items`` with the caching of :func:`make_dataset`.  MONAI's DataLoader
-    seeds each worker's random transforms differently."""
+    """A DataLoader over ``items`` with the caching of :func:`make_dataset`.
+
+    Shuffled loaders draw through a ``DistributedSampler`` over this process's share of the
+    data (all of it without torchrun), so one process sees the same global batches as N
+    processes together; call :func:`start_epoch` before each epoch.  Workers are started anew
+    each epoch so that an epoch's augmentation depends on (seed, epoch) alone: resumable exactly."""
     dataset = make_dataset(items, transform, cache=cache, cache_dir=cache_dir, recipe=recipe, num_workers=num_workers)
-    generator = torch.Generator().manual_seed(seed)
+    sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed) if shuffle else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         num_workers=num_workers,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-        drop_last=shuffle and len(items) > batch_size,
+        drop_last=shuffle and len(sampler) > batch_size,
     )
+
+
+def sharded(loader: DataLoader) -> DataLoader:
+    """The same evaluation loader over this process's shard (``DistributedSampler`` without
+    shuffling, padded to equal shards; :func:`medtl.train.distributed.gather_sharded` undoes it)."""
+    sampler = DistributedSampler(loader.dataset, num_replicas=world_size(), rank=rank(), shuffle=False)
+    return TorchDataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+                           collate_fn=loader.collate_fn, worker_init_fn=loader.worker_init_fn, pin_memory=loader.pin_memory)
+
+
+def start_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
+    """Make ``epoch``'s order and random augmentation a function of (seed, epoch, rank) alone:
+    the sampler's epoch, the generator that seeds the workers, and (without workers) the
+    transforms' own random state."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    epoch_seed = (seed * 1_000_003 + epoch * 1_009 + rank()) % 2**62
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed)
+    transform = getattr(loader.dataset, "transform", None)
+    if loader.num_workers == 0 and hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=epoch_seed % 2**32)

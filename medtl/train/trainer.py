@@ -5,34 +5,47 @@ domain loss (:mod:`medtl.adapt`), and what is specific to data in the loaders.  
 loss each source batch is paired with a batch of unlabelled target scans; with target scans the
 per-epoch log also holds label-free target scores, and ``selection`` may pick the best epoch by
 one of them instead of the source validation AUROC.
+
+Under ``torchrun`` the forward/backward runs through ``DistributedDataParallel``, validation is
+sharded and its logits gathered before any metric, so every rank takes the same early-stopping
+decision; only rank 0 writes the log and checkpoints.  Mixed precision, gradient accumulation,
+channels-last and activation checkpointing follow ``TrainConfig``; an epoch's randomness depends
+on (seed, epoch) and the checkpointed generator states, so a resumed run is bit-identical.
 """
 
 from __future__ import annotations
 
-import copy
-import csv
+import contextlib
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from medtl.adapt import DomainTerm, FullFineTuning, target_scores
 from medtl.config import TrainConfig
+from medtl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medtl.train.data import sharded, start_epoch
+from medtl.train.distributed import all_reduce_sum, barrier, gather_sharded, is_distributed, is_main
+from medtl.train.logs import EpochLog
+from medtl.train.memory import checkpoint_blocks, is_2d
+from medtl.train.precision import make_scaler, resolve_amp
 
 log = logging.getLogger(__name__)
 
-HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_auroc", "lr", "seconds")
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_auroc", "lr", "seconds", "images_per_s")
 DOMAIN_FIELDS = ("domain_loss",)
 TARGET_FIELDS = ("target_im", "target_entropy", "target_snd")
+POSTFIX_EVERY = 20  # steps between progress-bar updates (each one waits for the device)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -43,6 +56,17 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("cpu")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
+
+
+def configure_determinism(deterministic: bool, device: torch.device) -> None:
+    """``deterministic``: only deterministic kernels (torch and cuDNN); otherwise let cuDNN
+    pick the fastest convolution algorithms on CUDA."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cudnn.benchmark = not deterministic
 
 
 def auroc(labels: np.ndarray, logits: np.ndarray) -> float:
@@ -78,9 +102,28 @@ def _warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
-def _cycle(loader: DataLoader):
-    while True:
+def _cycle(loader: DataLoader, epoch: int, seed: int):
+    """Endless batches of ``loader``; pass ``k`` of ``epoch`` is seeded by (epoch, k)."""
+    for k in range(1 << 30):
+        start_epoch(loader, epoch * 1000 + k, seed)
         yield from loader
+
+
+class _Objective(nn.Module):
+    """The forward pass DDP wraps: images to the loss terms, through the classifier and the
+    domain loss, so the gradients of every trained parameter are averaged across ranks."""
+
+    def __init__(self, model: nn.Module, domain: DomainTerm | None, loss_fn: nn.Module) -> None:
+        super().__init__()
+        self.model, self.domain, self.loss_fn = model, domain, loss_fn
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, target_images: torch.Tensor | None = None):
+        if self.domain is None:
+            return self.loss_fn(self.model(images), labels), None
+        features = self.model.backbone(torch.cat([images, target_images]))
+        logits = self.model.head(features)
+        n = len(labels)
+        return self.loss_fn(logits[:n], labels), self.domain(features[:n], features[n:], logits[:n], logits[n:])
 
 
 class Trainer:
@@ -101,7 +144,16 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
-        self.model = model.to(self.device)
+        configure_determinism(cfg.deterministic, self.device)
+        if cfg.sync_bn and is_distributed():
+            if self.device.type != "cuda":
+                raise ValueError("train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm trains on GPU only)")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if cfg.checkpointing:
+            log.info("activation checkpointing on %d backbone blocks", checkpoint_blocks(model.backbone))
+        channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
+        self.memory_format = torch.channels_last if channels_last and is_2d(model) else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format)
         self.strategy = strategy
         self.domain = domain.to(self.device) if domain is not None else None
         self.selection = selection
@@ -112,64 +164,111 @@ class Trainer:
         self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         weight = class_weights.to(self.device) if class_weights is not None else None
         self.loss_fn = nn.CrossEntropyLoss(weight=weight)
+        self.amp_dtype = resolve_amp(cfg.amp, self.device)
+        self.scaler = make_scaler(self.amp_dtype, self.device)
+        self._objective = _Objective(self.model, self.domain, self.loss_fn)
+        self._forward: nn.Module | None = None  # (DDP-wrapped) objective of the current stage
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _images(self, batch: dict) -> torch.Tensor:
+        return batch["image"].to(self.device, non_blocking=True, memory_format=self.memory_format)
+
+    def _wrapped(self) -> nn.Module:
+        """The objective, in DDP under torchrun.  Rebuilt when a strategy stage changes which
+        parameters learn (DDP registers the trainable parameters when it is built)."""
+        if self._forward is None:
+            self._forward = self._objective
+            if is_distributed():
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self._forward = DistributedDataParallel(self._objective, device_ids=ids)
+        return self._forward
 
     def _set_rates(self, factor: float) -> None:
         for group, base in zip(self.optimizer.param_groups, self._base_lrs):
             group["lr"] = base * factor
 
-    def _step_loss(self, batch: dict, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Source cross-entropy, the objective (plus penalty and domain loss), the domain loss."""
-        images = batch["image"].to(self.device, non_blocking=True)
-        labels = batch["label"].to(self.device, non_blocking=True)
-        domain_loss = None
-        if self.domain is None:
-            ce = self.loss_fn(self.model(images), labels)
-        else:
-            target_images = next(target)["image"].to(self.device, non_blocking=True)
-            features = self.model.backbone(torch.cat([images, target_images]))
-            logits = self.model.head(features)
-            n = len(labels)
-            ce = self.loss_fn(logits[:n], labels)
-            domain_loss = self.domain(features[:n], features[n:], logits[:n], logits[n:])
-        objective = ce if domain_loss is None else ce + domain_loss
-        penalty = self.strategy.penalty()
-        if penalty is not None:
-            objective = objective + penalty
-        return ce, objective, domain_loss
-
-    def _train_epoch(self, loader: DataLoader, schedule, epoch: int, target) -> tuple[float, float]:
-        """Mean source cross-entropy and mean domain loss (NaN without one) over the epoch."""
+    def _train_epoch(self, loader: DataLoader, schedule, epoch: int, target) -> tuple[float, float, float]:
+        """Mean source cross-entropy, mean domain loss (NaN without one), images per second."""
         self.strategy.train_mode(self.model)
         if self.domain is not None:
             self.domain.train()
         scale = self.strategy.lr_scale(epoch, self.cfg.epochs)
-        total, total_domain, count = 0.0, 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False, unit="batch")
-        for batch in bar:
-            self._set_rates(schedule(self._step) * scale)
-            if self.domain is not None:
-                self.domain.set_progress(self._step / self._total_steps)
-            ce, objective, domain_loss = self._step_loss(batch, target)
-            self.optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            self.optimizer.step()
-            self._step += 1
-            n = len(batch["label"])
-            total += ce.item() * n
-            total_domain += domain_loss.item() * n if domain_loss is not None else math.nan
-            count += n
-            bar.set_postfix(loss=f"{total / count:.4f}")
-        return total / max(count, 1), total_domain / max(count, 1)
+        forward, accumulate, batches = self._wrapped(), self.cfg.accumulate, len(loader)
+        total = torch.zeros(3, device=self.device)  # sums of ce * n, domain loss * n, and n
+        started = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False, unit="batch", disable=not is_main())
+        for i, batch in enumerate(bar):
+            first = i - i % accumulate
+            group = min(accumulate, batches - first)
+            last_of_group = i == first + group - 1
+            if i == first:
+                self._set_rates(schedule(self._step) * scale)
+                if self.domain is not None:
+                    self.domain.set_progress(self._step / self._total_steps)
+            images = self._images(batch)
+            labels = batch["label"].to(self.device, non_blocking=True)
+            target_images = self._images(next(target)) if self.domain is not None else None
+            sync = forward.no_sync() if isinstance(forward, DistributedDataParallel) and not last_of_group else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    ce, domain_loss = forward(images, labels, target_images)
+                    objective = ce if domain_loss is None else ce + domain_loss
+                    penalty = self.strategy.penalty()
+                    if penalty is not None:
+                        objective = objective + penalty
+                self.scaler.scale(objective / group).backward()
+            if last_of_group:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self._step += 1
+            n = len(labels)
+            total[0] += ce.detach().float() * n
+            if domain_loss is not None:
+                total[1] += domain_loss.detach().float() * n
+            total[2] += n
+            if (i + 1) % POSTFIX_EVERY == 0 or i + 1 == batches:
+                ce_sum, _, count = total.tolist()
+                bar.set_postfix(loss=f"{ce_sum / count:.4f}", img_s=f"{count / (time.perf_counter() - started):.1f}")
+        ce_sum, domain_sum, count = all_reduce_sum(total).tolist()  # over all ranks
+        count = max(count, 1)
+        return ce_sum / count, domain_sum / count if self.domain is not None else math.nan, count / (time.perf_counter() - started)
 
     @torch.inference_mode()
     def predict_logits(self, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and labels of every item in ``loader`` (model in eval mode)."""
+        """Logits and labels of every item in ``loader`` (model in eval mode).  A loader sharded
+        across ranks (:func:`medtl.train.data.sharded`) gives every rank the whole set."""
         self.model.eval()
         logits, labels = [], []
         for batch in loader:
-            logits.append(self.model(batch["image"].to(self.device)).float().cpu())
-            labels.append(batch["label"])
-        return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+            with self._autocast():
+                logits.append(self.model(self._images(batch)).float())
+            labels.append(torch.as_tensor(batch["label"]).to(self.device))
+        logits_t, labels_t = torch.cat(logits), torch.cat(labels)
+        if isinstance(loader.sampler, DistributedSampler) and loader.sampler.num_replicas > 1:
+            total = len(loader.dataset)
+            logits_t, labels_t = gather_sharded(logits_t, total), gather_sharded(labels_t, total)
+        return logits_t.cpu().numpy(), labels_t.cpu().numpy()
+
+    def _state(self, epoch: int, result: FitResult, best_key, best_state, stale: int, stopped: bool) -> dict:
+        return {
+            "epoch": epoch,
+            "step": self._step,
+            "model": self.model.state_dict(),
+            "domain": self.domain.state_dict() if self.domain is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "best_key": list(best_key),
+            "best_state": best_state,
+            "stale": stale,
+            "stopped": stopped,
+            "result": asdict(result),
+        }
 
     def fit(
         self,
@@ -179,6 +278,8 @@ class Trainer:
         target_loader: DataLoader | None = None,
         target_eval_loader: DataLoader | None = None,
         log_path: Path | None = None,
+        checkpoint: Path | None = None,
+        resume: bool = False,
     ) -> FitResult:
         """Train for ``cfg.epochs`` (or until ``cfg.patience`` epochs bring no gain in the
         selection score), then restore the best epoch's weights.  Ties go to the lower
@@ -186,31 +287,53 @@ class Trainer:
 
         ``target_loader``: unlabelled target batches paired with the source batches (needed by a
         domain loss); ``target_eval_loader`` (default: ``target_loader``): the target scans the
-        label-free scores are computed on each epoch."""
+        label-free scores are computed on each epoch.  ``checkpoint``: file written every
+        ``cfg.checkpoint_every`` epochs and at the end; with ``resume`` training continues from it."""
         if self.domain is not None and target_loader is None:
             raise ValueError(f"domain loss '{self.domain.method}' needs target scans (target_loader)")
         target_eval_loader = target_eval_loader or target_loader
         if self.selection != "source_val" and target_eval_loader is None:
             raise ValueError(f"adapt.selection={self.selection} needs unlabelled target scans")
-        steps = self.cfg.epochs * len(train_loader)
-        schedule = _warmup_cosine(steps, warmup_steps=min(len(train_loader), steps // 10 + 1))
+        if is_distributed():
+            if not isinstance(train_loader.sampler, DistributedSampler):
+                raise ValueError("under torchrun the training loader needs a DistributedSampler (make_loader builds one)")
+            val_loader = sharded(val_loader)
+            target_eval_loader = sharded(target_eval_loader) if target_eval_loader is not None else None
+        per_epoch = math.ceil(len(train_loader) / self.cfg.accumulate)
+        steps = self.cfg.epochs * per_epoch
+        schedule = _warmup_cosine(steps, warmup_steps=min(per_epoch, steps // 10 + 1))
         self._step, self._total_steps = 0, max(steps, 1)
-        target = _cycle(target_loader) if self.domain is not None else None
         fields = HISTORY_FIELDS + (DOMAIN_FIELDS if self.domain is not None else ()) + (TARGET_FIELDS if target_eval_loader else ())
         result = FitResult(selection=self.selection)
-        best_key, best_state, stale = (-math.inf, -math.inf), None, 0
-        writer, handle = None, None
-        if log_path is not None:
-            handle = open(log_path, "w", newline="")
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
+        best_key, best_state, stale, stopped, first_epoch = (-math.inf, -math.inf), None, 0, False, 1
+        if resume:
+            if checkpoint is None:
+                raise ValueError("resume=True needs the checkpoint file to resume from")
+            state = load_checkpoint(checkpoint)
+            self.model.load_state_dict(state["model"])
+            if self.domain is not None:
+                self.domain.load_state_dict(state["domain"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.strategy.start_epoch(state["epoch"], self.cfg.epochs)
+            self._step, stale, stopped = state["step"], state["stale"], state["stopped"]
+            best_key, best_state = tuple(state["best_key"]), state["best_state"]
+            result = FitResult(**state["result"])
+            first_epoch = state["epoch"] + 1
+            set_rng_state(state["rng"])
+            log.info("resuming from %s after epoch %d", checkpoint, state["epoch"])
+        epoch_log = EpochLog(log_path, fields, result.history) if log_path is not None and is_main() else None
         try:
-            for epoch in range(1, self.cfg.epochs + 1):
+            for epoch in range(first_epoch, self.cfg.epochs + 1):
+                if stopped:
+                    break
                 start = time.perf_counter()
                 if self.strategy.start_epoch(epoch, self.cfg.epochs) and epoch > 1:
-                    stale = 0
+                    stale, self._forward = 0, None
                     log.info("epoch %d: new stage, trainable blocks %s", epoch, sorted(self.strategy.trainable))
-                train_loss, domain_loss = self._train_epoch(train_loader, schedule, epoch, target)
+                start_epoch(train_loader, epoch, self.cfg.seed)
+                target = _cycle(target_loader, epoch, self.cfg.seed) if self.domain is not None else None
+                train_loss, domain_loss, rate = self._train_epoch(train_loader, schedule, epoch, target)
                 logits, labels = self.predict_logits(val_loader)
                 val_loss = float(self.loss_fn(torch.as_tensor(logits).to(self.device), torch.as_tensor(labels).to(self.device)))
                 val_auroc = auroc(labels, logits)
@@ -226,25 +349,31 @@ class Trainer:
                 if target_eval_loader is not None:
                     row.update({k: round(v, 6) for k, v in target_scores(self.predict_logits(target_eval_loader)[0]).items()})
                 row["seconds"] = round(time.perf_counter() - start, 2)
+                row["images_per_s"] = round(rate, 1)
                 result.history.append(row)
-                if writer is not None:
-                    writer.writerow(row)
-                    handle.flush()
-                log.info("epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f (%.1fs)", epoch, train_loss, val_loss, val_auroc, row["seconds"])
+                if epoch_log is not None:
+                    epoch_log.write(row)
+                eta = row["seconds"] * (self.cfg.epochs - epoch)
+                log.info("epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f (%.1fs, %.0f img/s, about %.0fs to go)",
+                         epoch, train_loss, val_loss, val_auroc, row["seconds"], rate, eta)
                 score = val_auroc if self.selection == "source_val" else row[f"target_{self.selection}"]
                 key = (score if not math.isnan(score) else -math.inf, -val_loss)
                 if key > best_key:
                     best_key, stale = key, 0
-                    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+                    best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
                     result.best_epoch, result.best_auroc, result.best_score = epoch, val_auroc, score
                 else:
                     stale += 1
                     if stale >= self.cfg.patience:
                         log.info("early stop: no gain in %s for %d epochs", self.selection, stale)
-                        break
+                        stopped = True
+                due = epoch % self.cfg.checkpoint_every == 0 or stopped or epoch == self.cfg.epochs
+                if checkpoint is not None and due and is_main():
+                    save_checkpoint(self._state(epoch, result, best_key, best_state, stale, stopped), checkpoint)
         finally:
-            if handle is not None:
-                handle.close()
+            if epoch_log is not None:
+                epoch_log.close()
+        barrier()
         if best_state is not None:
             self.model.load_state_dict(best_state)
         return result

@@ -1,0 +1,87 @@
+"""Data-parallel training under ``torchrun``: process group, ranks, sharded evaluation.
+
+``torchrun`` starts one process per device and sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and
+the rendezvous address; :func:`distributed_session` joins the group from those variables (NCCL
+on GPU, gloo on CPU) and leaves it at the end.  Without them every helper here answers for a
+single process, so the same code runs with and without ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, the one process that writes files."""
+    return rank() == 0
+
+
+@contextmanager
+def distributed_session(timeout_minutes: float = 30.0) -> Iterator[None]:
+    """Join the process group that ``torchrun`` describes in the environment (nothing to do
+    when ``WORLD_SIZE`` is absent or 1); on CUDA each process takes its ``LOCAL_RANK`` device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over all ranks (itself in a single process)."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (e.g. a run folder name made from the clock)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_sharded(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Reassemble a tensor sharded by ``DistributedSampler(shuffle=False)``.
+
+    Rank ``r`` holds rows ``r, r + W, r + 2W, ...`` of the padded index list (every rank holds
+    the same number of rows); gathering, interleaving and cutting at ``total`` gives every row
+    of the dataset once, in dataset order, with the sampler's padding duplicates dropped."""
+    if not is_distributed():
+        return local[:total]
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local.contiguous())
+    return torch.stack(parts, dim=1).flatten(0, 1)[:total]

@@ -1,0 +1,78 @@
+"""Data-parallel training under torchrun (2 gloo processes on the CPU) against one process."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from medtl.io import write_synthetic
+from medtl.train.distributed import gather_sharded
+
+CONFIG = (
+    "data:\n  manifest: small.csv\n  image_size: [32, 32]\n  num_workers: 0\n  augment: false\n"
+    "model:\n  backbone: resnet18\n  weights: none\n"
+    # BatchNorm on running statistics: 2 ranks x 8 images then see exactly what 1 x 16 sees
+    "adapt:\n  bn: frozen_stats\n"
+    "train:\n  epochs: 2\n  batch_size: 16\n  lr: 0.0003\n  head_lr: 0.0003\n  patience: 5\n"
+    "report:\n  bootstrap: 100\n"
+)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """32 training and 25 validation scans (odd: the validation sampler pads one duplicate)."""
+    root = tmp_path_factory.mktemp("ddp")
+    write_synthetic(root / "data", patients_per_site=30, test_per_site=1)
+    rows = [r for r in csv.DictReader(open(root / "data" / "manifest.csv")) if r["label"]][:57]
+    for i, row in enumerate(rows):
+        row.update(image=f"data/{row['image']}", split="train" if i < 32 else "val")
+    with open(root / "small.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (root / "run.yaml").write_text(CONFIG)
+    return root
+
+
+def _log(run):
+    return list(csv.DictReader(open(run / "train_log.csv")))
+
+
+def _train(cwd, out, processes):
+    """``medtl train`` in a fresh process (or ``processes`` under torchrun), one thread each."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "medtl", "train", "run.yaml", "--out", out]
+    done = subprocess.run(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_and_write_one_bundle(small_run):
+    single, ddp = small_run / "single", small_run / "ddp"
+    _train(small_run, "single", 1)
+    assert _train(small_run, "ddp", 2).count("bundle: ") == 1  # one summary: rank 0's
+
+    # Same global batches, gradients averaged over ranks: same validation metrics on the whole
+    # (gathered, de-duplicated) validation set, up to float summation order.
+    for a, b in zip(_log(single), _log(ddp), strict=True):
+        assert float(b["val_loss"]) == pytest.approx(float(a["val_loss"]), rel=1e-4)
+        assert float(b["val_auroc"]) == pytest.approx(float(a["val_auroc"]), abs=1e-3)
+        assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), rel=1e-4)  # reduced over ranks
+
+    # The gathered AUROC the early stopping saw is the one rank 0 reports from an unsharded pass.
+    best = max(_log(ddp), key=lambda r: (float(r["val_auroc"]), -float(r["val_loss"])))
+    metrics = json.loads((ddp / "report" / "metrics.json").read_text())
+    assert metrics["uncalibrated"]["auroc"]["auc"] == pytest.approx(float(best["val_auroc"]), abs=1e-5)
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
+    assert [p.parent.name for p in small_run.rglob("model.safetensors") if "ddp" in p.parts] == ["bundle"]
+
+
+def test_gather_without_process_group_cuts_padding():
+    local = torch.arange(6).view(3, 2)
+    np.testing.assert_array_equal(gather_sharded(local, 2).numpy(), [[0, 1], [2, 3]])

@@ -1,0 +1,238 @@
+"""Exact resume from checkpoints, atomic checkpoint files, and the loop's options (precision,
+accumulation, activation checkpointing) that a resumed or distributed run relies on."""
+
+import copy
+import csv
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medtl.adapt import make_domain_loss, make_strategy
+from medtl.cli import main
+from medtl.config import Config, TrainConfig, dump_config
+from medtl.io import write_synthetic
+from medtl.pipeline import train
+from medtl.train import Trainer, checkpoint as ckpt
+from medtl.train import trainer as trainer_module
+from medtl.train.memory import checkpoint_blocks
+from medtl.train.precision import resolve_amp
+
+CONFIG = (
+    "data:\n  manifest: small.csv\n  image_size: [32, 32]\n  num_workers: 0\n  augment: true\n"
+    "model:\n  backbone: resnet18\n  weights: none\n"
+    "train:\n  epochs: 3\n  batch_size: 16\n  lr: 0.001\n  head_lr: 0.001\n  patience: 5\n"
+    "report:\n  bootstrap: 100\n"
+)
+
+
+class Killed(Exception):
+    """Stands for the job being pre-empted."""
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a loaded 2-core machine several threads mostly wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    write_synthetic(root / "data", patients_per_site=25, test_per_site=1)
+    rows = [r for r in csv.DictReader(open(root / "data" / "manifest.csv")) if r["label"]][:48]
+    for i, row in enumerate(rows):
+        row.update(image=f"data/{row['image']}", split="train" if i < 32 else "val")
+    with open(root / "small.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (root / "run.yaml").write_text(CONFIG)
+    return root
+
+
+def _without_timing(path):
+    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in csv.DictReader(open(path))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
+def test_interrupted_then_resumed_run_is_bit_identical(small_data, monkeypatch, one_thread, workers):
+    """3 epochs straight vs killed after epoch 2 and resumed, random augmentation on."""
+    config = [str(small_data / "run.yaml"), "--set", f"data.num_workers={workers}"]
+    straight, resumed = small_data / f"straight{workers}", small_data / f"resumed{workers}"
+    assert main(["train", *config, "--out", str(straight)]) == 0
+
+    real_save = trainer_module.save_checkpoint
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        if state["epoch"] == 2:
+            raise Killed
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        main(["train", *config, "--out", str(resumed)])
+    monkeypatch.undo()
+    assert not (resumed / "bundle").exists() and len(_without_timing(resumed / "train_log.csv")) == 2
+    assert main(["train", *config, "--resume", str(resumed)]) == 0
+
+    final_a, final_b = load_file(straight / "bundle" / "model.safetensors"), load_file(resumed / "bundle" / "model.safetensors")
+    assert final_a.keys() == final_b.keys()
+    for key in final_a:
+        assert torch.equal(final_a[key], final_b[key]), key
+    last_a, last_b = ckpt.load_checkpoint(straight / "checkpoint.pt"), ckpt.load_checkpoint(resumed / "checkpoint.pt")
+    for key in last_a["model"]:  # the last epoch's weights and BatchNorm statistics, not only the best
+        assert torch.equal(last_a["model"][key], last_b["model"][key]), key
+    for a, b in zip(last_a["optimizer"]["state"].values(), last_b["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _without_timing(straight / "train_log.csv") == _without_timing(resumed / "train_log.csv")
+
+
+def test_resume_refuses_another_config_or_a_missing_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(Config()))
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt does not exist"):
+        train(Config(), run, resume=True)
+    (run / "checkpoint.pt").write_bytes(b"")
+    changed = Config.model_validate({"train": {"epochs": 20}})
+    with pytest.raises(ValueError, match="differs from the run's config.yaml in train.epochs"):
+        train(changed, run, resume=True)
+
+
+def test_checkpoint_killed_mid_write_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save_checkpoint({"epoch": 1, "w": torch.ones(1000), "rng": ckpt.rng_state()}, path)
+    real_save = torch.save
+
+    def half_write(obj, handle):
+        real_save(obj, handle)
+        handle.truncate(handle.tell() // 2)
+        raise Killed
+
+    monkeypatch.setattr(ckpt.torch, "save", half_write)
+    with pytest.raises(Killed):
+        ckpt.save_checkpoint({"epoch": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    state = ckpt.load_checkpoint(path)  # weights_only=True: tensors and plain values only
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(1000))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable medtl checkpoint"):
+        ckpt.load_checkpoint(path)
+
+
+def test_rng_state_round_trips():
+    state = ckpt.rng_state()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.set_rng_state(state)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and (first[1] == again[1]).all() and first[2] == again[2]
+
+
+# -- the loop's options, on a tiny in-memory problem -----------------------------------------
+
+class Tiny(nn.Module):
+    def __init__(self, norm: bool = True) -> None:
+        super().__init__()
+        layers = [nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4) if norm else nn.Identity(), nn.ReLU()]
+        self.backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feature_dim = 4
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def _loader(n: int, seed: int, batch_size: int = 16, shuffle: bool = True) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    images = torch.randn(n, 1, 8, 8, generator=g) * 0.5 + labels.view(-1, 1, 1, 1).float()
+    items = [{"image": images[i], "label": labels[i]} for i in range(n)]
+    return DataLoader(items, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator() if shuffle else None)
+
+
+def _fit_dann(tmp_path, epochs: int, resume: bool = False, kill_after: int | None = None, monkeypatch=None):
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=epochs, lr=1e-2, head_lr=1e-2, patience=9, device="cpu", amp="bf16", accumulate=2, batch_size=16)
+    domain = make_domain_loss("dann", 4, 2)
+    trainer = Trainer(Tiny(), make_strategy("full"), cfg, domain=domain)
+    if kill_after is not None:
+        real_save = trainer_module.save_checkpoint
+
+        def save_then_die(state, path):
+            real_save(state, path)
+            if state["epoch"] == kill_after:
+                raise Killed
+
+        monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
+    trainer.fit(_loader(64, 0, 8), _loader(32, 1, shuffle=False), target_loader=_loader(48, 2, 8),
+                checkpoint=tmp_path / "checkpoint.pt", resume=resume)
+    return trainer
+
+
+def test_resume_exact_with_domain_loss_bf16_and_accumulation(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = _fit_dann(tmp_path / "a", 3)
+    with pytest.raises(Killed):
+        _fit_dann(tmp_path / "b", 3, kill_after=2, monkeypatch=monkeypatch)
+    monkeypatch.undo()
+    resumed = _fit_dann(tmp_path / "b", 3, resume=True)
+    for (key, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    for a, b in zip(straight.domain.state_dict().values(), resumed.domain.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_accumulation_matches_one_large_batch():
+    models = []
+    for accumulate, micro in ((1, 16), (2, 8)):
+        torch.manual_seed(0)
+        cfg = TrainConfig(epochs=1, lr=1e-2, head_lr=1e-2, device="cpu", accumulate=accumulate, amp="none")
+        trainer = Trainer(Tiny(norm=False), make_strategy("full"), cfg)
+        trainer.fit(_loader(32, 0, micro), _loader(16, 1, shuffle=False))
+        models.append(trainer.model.state_dict())
+    for key in models[0]:
+        torch.testing.assert_close(models[0][key], models[1][key], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_and_channels_last_train_on_cpu():
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=4, lr=3e-3, device="cpu", amp="bf16", channels_last=True, patience=4)
+    trainer = Trainer(Tiny(), make_strategy("full"), cfg)
+    assert trainer.amp_dtype is torch.bfloat16
+    assert trainer.model.backbone[0].weight.is_contiguous(memory_format=torch.channels_last)
+    result = trainer.fit(_loader(128, 0), _loader(64, 1, shuffle=False))
+    assert result.best_auroc > 0.9
+
+
+def test_amp_choices():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_amp("auto", cpu) is None and resolve_amp("none", gpu) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        resolve_amp("fp16", cpu)
+
+
+def test_activation_checkpointing_same_gradients_and_statistics_counted_once():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.Sequential(nn.Conv3d(4, 4, 3), nn.BatchNorm3d(4)))
+    wrapped = copy.deepcopy(plain)
+    assert checkpoint_blocks(wrapped) > 0
+    x = torch.randn(2, 1, 6, 6, 6)
+    for model in (plain, wrapped):
+        model.train()
+        model(x).square().mean().backward()
+    for (key, a), b in zip(plain.state_dict().items(), wrapped.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=key)  # running statistics and counters too
+    for a, b in zip(plain.parameters(), wrapped.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
