@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from medtl.train import (
     world_size,
 )
 from medtl.transforms import build_transforms, make_preprocessing
-from medtl.adapt import TRAINING_METHODS, adapt_normalization, make_domain_loss, make_strategy
+from medtl.adapt import TRAINING_METHODS, adapt_normalization, extract_features, make_domain_loss, make_strategy, site_shift
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,17 @@ def _start_run(run_dir: Path, config: Config, resume: bool) -> None:
         (run_dir / "versions.json").write_text(json.dumps(bundles.package_versions(), indent=2))
 
 
+def _site_shift(before: np.ndarray, trainer: Trainer, loaders: Sequence, sites: Sequence[str], config: Config) -> dict:
+    """Proxy A-distances and 2D embeddings of the evaluated (and target) scans' features, with the
+    initial backbone and with the trained model."""
+    after = extract_features(trainer.model, chain(*loaders), trainer.device)
+    adapt = config.adapt.strategy + ("" if config.adapt.domain == "none" else f" + {config.adapt.domain}")
+    return {
+        "before": {**site_shift(before, sites, seed=config.train.seed), "label": f"initial backbone ({config.model.weights})"},
+        "after": {**site_shift(after, sites, seed=config.train.seed), "label": f"trained model ({adapt})"},
+    }
+
+
 def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None, resume: bool = False) -> TrainOutcome | None:
     """Train, calibrate and bundle a classifier as ``config`` says; write the report.
 
@@ -217,6 +229,13 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
     if acfg.domain in TRAINING_METHODS:
         target_train = make_loader(target_items, build_transforms(pre, train=data.augment), shuffle=True, **loader_args)
 
+    report_split = "test" if "test" in eval_loaders else "val"
+    shift_loaders = [eval_loaders[report_split]] + ([target_eval] if target_eval is not None else [])
+    shift_sites = [r.site or "unknown" for r in parts[report_split] + targets]
+    diagnose_shift = is_main() and len(set(shift_sites)) > 1
+    if diagnose_shift:
+        before = extract_features(model, chain(*shift_loaders))
+
     warning = check_batch(next(iter(eval_loaders["val"]))["image"], pre["normalization"])
     if warning:
         log.warning("%s", warning)
@@ -270,7 +289,6 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         training=training,
     )
 
-    report_split = "test" if "test" in eval_loaders else "val"
     if report_split == "val":
         logits, labels = val_logits, val_labels
         evaluation = "internal validation split (also used for model selection, calibration and the threshold: optimistic)"
@@ -306,6 +324,7 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         title=info["title"],
         n_resamples=config.report.bootstrap,
         seed=tcfg.seed,
+        site_shift=_site_shift(before, trainer, shift_loaders, shift_sites, config) if diagnose_shift else None,
     )
     return TrainOutcome(run_dir=run_dir, bundle=bundle_dir, report=run_dir / "report" / "report.html", metrics=metrics,
                         training={**training, "evaluated_on": report_split, "calibration": calibrator.method})

@@ -29,6 +29,9 @@ def test_cli_synth_train_evaluate_predict(tmp_path):
     assert meta["calibration"]["method"] == "platt"  # calibration auto, binary
     assert meta["operating_point"]["method"] == "youden"
     assert list(run.joinpath("report").glob("*.png")), "report plots"
+    shift = json.loads((run / "report" / "metrics.json").read_text())["site_shift"]
+    assert set(shift) == {"before", "after"} and "A vs B" in shift["after"]["proxy_a_distance"]
+    assert (run / "report" / "site_shift.png").is_file()
 
     evaluation = tmp_path / "evaluation"
     assert main(["evaluate", str(run / "bundle"), str(data / "test" / "labels.csv"), "--out", str(evaluation), "--workers", "0"]) == 0

@@ -1,7 +1,8 @@
 """Transfer: fine-tuning strategies, domain-adaptation losses, normalisation-layer adaptation
-(AdaBN, TENT) and label-free model-selection scores.  See docs/adapt.md."""
+(AdaBN, TENT), label-free model-selection scores and site-shift diagnostics.  See docs/adapt.md."""
 
 from medtl.adapt.blocks import Block, backbone_blocks
+from medtl.adapt.diagnostics import extract_features, proxy_a_distance, site_shift
 from medtl.adapt.domain import (
     TRAINING_METHODS,
     ConditionalDomainAdversarialLoss,
@@ -44,13 +45,16 @@ __all__ = [
     "backbone_blocks",
     "batch_statistics",
     "dann_coefficient",
+    "extract_features",
     "information_maximization",
     "make_domain_loss",
     "make_strategy",
     "negative_entropy",
     "norm_affine_parameters",
     "prediction_entropy",
+    "proxy_a_distance",
     "reverse_gradient",
+    "site_shift",
     "soft_neighborhood_density",
     "target_scores",
 ]

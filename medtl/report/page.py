@@ -220,6 +220,24 @@ def _subgroup_section(s: Mapping) -> str:
     return "".join(parts)
 
 
+def _site_shift_section(s: Mapping, images: Mapping[str, Path]) -> str:
+    shift = s.get("site_shift")
+    if not shift:
+        return ""
+    pairs = sorted({pair for stage in shift.values() for pair in stage["proxy_a_distance"]})
+    rows = [[_e(pair)] + [_e(_num(shift[k]["proxy_a_distance"].get(pair))) if k in shift else "" for k in ("before", "after")]
+            for pair in pairs]
+    labels = [shift[k]["label"] if k in shift else k for k in ("before", "after")]
+    return (
+        "<h2>Site shift</h2>"
+        '<p class="note">Proxy A-distance = 2 (1 - 2 err), err the cross-validated error of a linear classifier telling '
+        "two sites apart from the backbone's features: 0 = indistinguishable, 2 = fully separable. Computed on the "
+        "evaluated scans.</p>"
+        + _table(["Sites", *labels], rows, numeric=(1, 2))
+        + f'<div class="figs">{_figure(images, "site_shift", "Backbone features in 2D (PCA), coloured by site")}</div>'
+    )
+
+
 def _partitions(partitions: Any) -> str:
     """Counts per partition as a table; other entries (shared patients, disjointness) as values."""
     if not isinstance(partitions, Mapping):
@@ -314,6 +332,7 @@ def render_page(summary: Mapping, images: Mapping[str, Path], *, title: str) -> 
         _threshold_section(s, images),
         _calibration_section(s, images),
         _subgroup_section(s),
+        _site_shift_section(s, images),
     ]
     if "training" in images:
         body += ["<h2>Training</h2>", f'<div class="figs">{_figure(images, "training", "Loss and validation AUROC per epoch")}</div>']

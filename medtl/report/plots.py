@@ -135,10 +135,27 @@ def training_plot(path: Path, history: Sequence[dict]) -> Path:
     return _save(fig, path)
 
 
+def site_shift_plot(path: Path, shift: dict) -> Path:
+    """Features in 2D (first two principal components), coloured by site: before and after."""
+    stages = [stage for stage in ("before", "after") if stage in shift]
+    fig = Figure(figsize=(4.2 * len(stages), 3.9))
+    axes = np.atleast_1d(fig.subplots(1, len(stages)))
+    for ax, stage in zip(axes, stages):
+        points, sites = np.asarray(shift[stage]["embedding"]), np.asarray(shift[stage]["sites"])
+        for site in sorted(set(sites)):
+            ax.scatter(*points[sites == site].T, s=9, alpha=0.7, label=f"site {site}")
+        pad = ", ".join(f"{pair}: {value:.2f}" for pair, value in shift[stage]["proxy_a_distance"].items())
+        ax.set(title=f"{shift[stage]['label']}\nproxy A-distance {pad or 'n/a'}", xlabel="PC 1", ylabel="PC 2")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def draw_all(out_dir: Path, summary: dict, y_true: np.ndarray, probs_calibrated: np.ndarray,
-             positive_index: int | None, history: Sequence[dict] | None) -> dict[str, Path]:
+             positive_index: int | None, history: Sequence[dict] | None, site_shift: dict | None = None) -> dict[str, Path]:
     """Every figure ``summary`` supports, as ``{name: path}`` (names: roc, reliability,
-    decision_curve, confusion, training)."""
+    decision_curve, confusion, training, site_shift)."""
     cal = summary["calibrated"]
     names = summary["class_names"]
     paths: dict[str, Path] = {}
@@ -175,4 +192,6 @@ def draw_all(out_dir: Path, summary: dict, y_true: np.ndarray, probs_calibrated:
         paths["confusion"] = confusion_plot(out_dir / "confusion.png", cal["confusion_matrix"], title=f"Confusion matrix ({where})")
     if history:
         paths["training"] = training_plot(out_dir / "training.png", history)
+    if site_shift:
+        paths["site_shift"] = site_shift_plot(out_dir / "site_shift.png", site_shift)
     return paths

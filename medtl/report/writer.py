@@ -30,11 +30,14 @@ def write_report(
     title: str = "medtl report",
     n_resamples: int = 2000,
     seed: int = 0,
+    site_shift: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict:
     """Write ``metrics.json``, ``roc.png``, ``reliability.png``, ``decision_curve.png`` (binary),
     ``confusion.png``, ``training.png`` (with ``history``) and ``report.html`` to ``out_dir``.
 
-    Arguments as :func:`medtl.report.summarize`; ``history`` is the per-epoch training log.
+    Arguments as :func:`medtl.report.summarize`; ``history`` is the per-epoch training log;
+    ``site_shift`` maps ``before``/``after`` to :func:`medtl.adapt.site_shift` results, each with a
+    ``label`` (adds ``site_shift.png`` and a section; the PADs go into ``metrics.json``).
     Returns the metrics dict (also in ``metrics.json``).
     """
     out = Path(out_dir)
@@ -52,7 +55,10 @@ def write_report(
         n_resamples=n_resamples,
         seed=seed,
     )
-    images = draw_all(out, summary, np.asarray(y_true), np.asarray(probs_calibrated, dtype=np.float64), positive_index, history)
+    images = draw_all(out, summary, np.asarray(y_true), np.asarray(probs_calibrated, dtype=np.float64), positive_index,
+                      history, site_shift)
+    if site_shift:
+        summary["site_shift"] = {k: {"label": v["label"], "proxy_a_distance": dict(v["proxy_a_distance"])} for k, v in site_shift.items()}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=False), encoding="utf-8")
     (out / "report.html").write_text(render_page(summary, images, title=title), encoding="utf-8")
     return summary
