@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from medtl.io import write_synthetic
+from helpers import write_small_split
 from medtl.train.distributed import gather_sharded
 
 CONFIG = (
@@ -27,14 +27,7 @@ CONFIG = (
 def small_run(tmp_path_factory):
     """32 training and 25 validation scans (odd: the validation sampler pads one duplicate)."""
     root = tmp_path_factory.mktemp("ddp")
-    write_synthetic(root / "data", patients_per_site=30, test_per_site=1)
-    rows = [r for r in csv.DictReader(open(root / "data" / "manifest.csv")) if r["label"]][:57]
-    for i, row in enumerate(rows):
-        row.update(image=f"data/{row['image']}", split="train" if i < 32 else "val")
-    with open(root / "small.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_small_split(root, patients_per_site=30, n_train=32, n_val=25)
     (root / "run.yaml").write_text(CONFIG)
     return root
 

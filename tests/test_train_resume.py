@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from medtl.adapt import make_domain_loss, make_strategy
 from medtl.cli import main
 from medtl.config import Config, TrainConfig, dump_config
-from medtl.io import write_synthetic
+from helpers import write_small_split
 from medtl.pipeline import train
 from medtl.train import Trainer, checkpoint as ckpt
 from medtl.train import trainer as trainer_module
@@ -46,14 +46,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    write_synthetic(root / "data", patients_per_site=25, test_per_site=1)
-    rows = [r for r in csv.DictReader(open(root / "data" / "manifest.csv")) if r["label"]][:48]
-    for i, row in enumerate(rows):
-        row.update(image=f"data/{row['image']}", split="train" if i < 32 else "val")
-    with open(root / "small.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_small_split(root, patients_per_site=25, n_train=32, n_val=16)
     (root / "run.yaml").write_text(CONFIG)
     return root
 

@@ -170,7 +170,8 @@ class _Geometry:
     positions: np.ndarray | None  # (n, 3) slice origins in LPS, sorted
 
 
-def _floats(value, n: int) -> np.ndarray | None:
+def float_values(value, n: int) -> np.ndarray | None:
+    """A DICOM multi-value as ``n`` float64 numbers, or None when absent or malformed."""
     try:
         out = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError):
@@ -180,7 +181,7 @@ def _floats(value, n: int) -> np.ndarray | None:
 
 def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float]:
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = _floats(getattr(ds, keyword, None), 2)
+        value = float_values(getattr(ds, keyword, None), 2)
         if value is not None and np.all(value > 0):
             return float(value[0]), float(value[1])
     return 1.0, 1.0
@@ -197,7 +198,7 @@ def _frame_item(ds: pydicom.Dataset, index: int, sequence: str, keyword: str):
 
 
 def _orientation(iop) -> tuple[np.ndarray, np.ndarray]:
-    value = _floats(iop, 6)
+    value = float_values(iop, 6)
     if value is None:
         return np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
     return value[:3], value[3:]
@@ -252,11 +253,11 @@ def _frame_positions(ds: pydicom.Dataset, frames: int, normal: np.ndarray) -> np
     ImagePositionPatient moved along the normal by GridFrameOffsetVector (RT dose, NM), else None."""
     groups = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
     if groups is not None and len(groups) == frames:
-        positions = [_floats(_frame_item(ds, i, "PlanePositionSequence", "ImagePositionPatient"), 3) for i in range(frames)]
+        positions = [float_values(_frame_item(ds, i, "PlanePositionSequence", "ImagePositionPatient"), 3) for i in range(frames)]
         if all(p is not None for p in positions):
             return np.stack(positions)
-    origin = _floats(getattr(ds, "ImagePositionPatient", None), 3)
-    offsets = _floats(getattr(ds, "GridFrameOffsetVector", None), frames)
+    origin = float_values(getattr(ds, "ImagePositionPatient", None), 3)
+    offsets = float_values(getattr(ds, "GridFrameOffsetVector", None), frames)
     if origin is not None and offsets is not None:
         # relative offsets (first 0) and absolute ones (first = the origin's) alike
         return origin[None] + (offsets - offsets[0])[:, None] * normal[None]
@@ -271,14 +272,14 @@ def _single_file(path: Path, *, voi: bool) -> tuple[np.ndarray, dict]:
     spacing = _pixel_spacing(ds)
     if frames == 1:
         row, col = _orientation(getattr(ds, "ImageOrientationPatient", None))
-        ipp = _floats(getattr(ds, "ImagePositionPatient", None), 3)
+        ipp = float_values(getattr(ds, "ImagePositionPatient", None), 3)
         geometry = _Geometry(row, col, spacing, None if ipp is None else ipp[None])
         array = np.swapaxes(values, 0, 1)  # (rows, cols[, 3]) -> (cols, rows[, 3])
         affine = _affine(geometry, np.cross(row, col))
         return array, _meta(ds, affine, array.shape[:2], colour, n_slices=1)
     # multi-frame: (frames, rows, cols[, 3]) -> (cols, rows, frames[, 3]), frames in position order
     row, col = _orientation(_frame_item(ds, 0, "PlaneOrientationSequence", "ImageOrientationPatient"))
-    measured = _floats(_frame_item(ds, 0, "PixelMeasuresSequence", "PixelSpacing"), 2)
+    measured = float_values(_frame_item(ds, 0, "PixelMeasuresSequence", "PixelSpacing"), 2)
     spacing = (float(measured[0]), float(measured[1])) if measured is not None else spacing
     normal = np.cross(row, col)
     pos = _frame_positions(ds, frames, normal)
@@ -339,8 +340,8 @@ def _series(folder: Path, *, voi: bool) -> tuple[np.ndarray, dict]:
         raise ScanReadError(folder, f"slices of different sizes {sorted(sizes)} in one series")
     if any(int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for _, ds in headers):
         raise ScanReadError(folder, "a series of multi-frame files is not supported; give each file on its own")
-    orientations = [_floats(getattr(ds, "ImageOrientationPatient", None), 6) for _, ds in headers]
-    positions = [_floats(getattr(ds, "ImagePositionPatient", None), 3) for _, ds in headers]
+    orientations = [float_values(getattr(ds, "ImageOrientationPatient", None), 6) for _, ds in headers]
+    positions = [float_values(getattr(ds, "ImagePositionPatient", None), 3) for _, ds in headers]
     row, col = _orientation(getattr(first, "ImageOrientationPatient", None))
     normal = np.cross(row, col)
     if all(o is not None for o in orientations) and all(p is not None for p in positions):

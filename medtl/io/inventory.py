@@ -29,7 +29,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from tqdm.auto import tqdm
 
-from medtl.io.dicom import decoder_hint, describe, is_image
+from medtl.io.dicom import decoder_hint, describe, float_values, is_image
 from medtl.io.readers import scan_kind
 
 COLUMNS = ("path", "kind", "modality", "dimensions", "spacing", "slices", "transfer_syntax", "series", "files", "problems")
@@ -78,14 +78,6 @@ def _dicom_dataset(path: Path) -> tuple[pydicom.Dataset, bool]:
     return ds, bool(seen)
 
 
-def _floats(value, n: int) -> np.ndarray | None:
-    try:
-        out = np.asarray([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    return out if out.shape == (n,) else None
-
-
 def _dicom_header(path: Path) -> Header:
     try:
         ds, has_pixels = _dicom_dataset(path)
@@ -105,12 +97,12 @@ def _interpret(path: Path, ds: pydicom.Dataset, has_pixels: bool) -> Header:
         return header
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     header.shape = (int(ds.Columns), int(ds.Rows)) + ((frames,) if frames > 1 else ())
-    pixel = _floats(getattr(ds, "PixelSpacing", None) or getattr(ds, "ImagerPixelSpacing", None), 2)
+    pixel = float_values(getattr(ds, "PixelSpacing", None) or getattr(ds, "ImagerPixelSpacing", None), 2)
     if pixel is not None:
         header.spacing = (float(pixel[1]), float(pixel[0]))
     header.series = _uid_hash(str(getattr(ds, "StudyInstanceUID", "")), str(getattr(ds, "SeriesInstanceUID", "")))
-    header.orientation = _floats(getattr(ds, "ImageOrientationPatient", None), 6)
-    header.position = _floats(getattr(ds, "ImagePositionPatient", None), 3)
+    header.orientation = float_values(getattr(ds, "ImageOrientationPatient", None), 6)
+    header.position = float_values(getattr(ds, "ImagePositionPatient", None), 3)
     hint = decoder_hint(ds)
     if hint:
         header.problems.append(hint)
