@@ -44,3 +44,13 @@ def test_invalid_settings_name_the_field(override, fragment):
 def test_missing_file_is_named(tmp_path: Path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    from medtl.cli import main
+
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "error: config file not found" in err and "missing.yaml" in err and "Traceback" not in err
+    with pytest.raises(ConfigError):
+        main(["-v", "train", str(tmp_path / "missing.yaml")])

@@ -155,7 +155,13 @@ def rank_backbones(
     for name, weights in candidates:
         start = time.perf_counter()
         model = create(name, weights=weights, in_channels=in_channels, spatial_dims=spatial_dims, allow_mismatch=allow_mismatch)
-        features, labels = frozen_features(model, batches, model.preprocessing, device)
+        try:
+            features, labels = frozen_features(model, batches, model.preprocessing, device)
+        except RuntimeError as err:
+            raise ValueError(
+                f"{name}@{weights} cannot run on these inputs ({str(err).splitlines()[0]}); the backbone's default "
+                f"input size is {model.spec.default_input_size}: raise data.image_size or leave this candidate out"
+            ) from err
         score = logme(features, labels)
         scores.append(BackboneScore(name, weights, score, model.feature_dim, len(labels), time.perf_counter() - start))
         log.info("LogME %s (%s): %.4f", name, weights, score)

@@ -32,3 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, OSError) as err:  # bad input: configs, manifests, scans, bundles, weights, files
+        if args.verbose:
+            raise
+        print(f"error: {err}\n(run with -v for the traceback)", file=sys.stderr)
+        return 2
