@@ -1,0 +1,119 @@
+"""Tables and plots of the transfer study from its per-run rows (see transfer_study.py).
+
+Per method and label fraction, over seeds: mean test AUROC (and SD), the per-run 95 % DeLong CI
+averaged over seeds, the paired difference to scratch with a conservative CI, ECE before and
+after calibration, accuracy and training time.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+Z95 = 1.959963984540054
+
+
+def write_csv(path: Path, rows: Sequence[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _cells(rows: Sequence[dict], task: str) -> dict[tuple[float, str], list[dict]]:
+    cells: dict[tuple[float, str], list[dict]] = {}
+    for row in rows:
+        if row["task"] == task:
+            cells.setdefault((row["fraction"], row["method"]), []).append(row)
+    return cells
+
+
+def _methods(rows: Sequence[dict], task: str) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in rows if r["task"] == task))
+
+
+def _mean(runs: Sequence[dict], key: str) -> float:
+    return float(np.mean([r[key] for r in runs]))
+
+
+def delta_summary(runs: Sequence[dict]) -> tuple[float, float, float, int] | None:
+    """Mean AUROC difference to scratch over seeds, its conservative 95 % CI and the number of
+    seeds whose own paired DeLong CI lies above zero.
+
+    The seeds share one test set, so their differences are correlated; the SD of a mean of
+    correlated estimates is at most the mean of their SDs, which gives a CI valid for any
+    correlation."""
+    deltas = [r for r in runs if "delta_auroc" in r]
+    if not deltas:
+        return None
+    mean, se = _mean(deltas, "delta_auroc"), _mean(deltas, "delta_se")
+    return mean, mean - Z95 * se, mean + Z95 * se, sum(r["delta_lo"] > 0 for r in deltas)
+
+
+def markdown(rows: Sequence[dict]) -> str:
+    """One table per task: rows by label fraction and method."""
+    parts = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        cells = _cells(rows, task)
+        seeds = len({r["seed"] for r in rows if r["task"] == task})
+        parts += [
+            f"### {task} ({seeds} seed{'s' if seeds > 1 else ''} per cell)",
+            "",
+            "| labels | method | AUROC (mean ± SD) | 95 % DeLong CI | Δ AUROC vs scratch [95 % CI] | seeds Δ>0 | ECE before → after | accuracy | train s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for fraction in sorted({f for f, _ in cells}):
+            for method in _methods(rows, task):
+                runs = cells.get((fraction, method))
+                if not runs:
+                    continue
+                delta = delta_summary(runs)
+                delta_text = f"{delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]" if delta else "–"
+                significant = f"{delta[3]}/{len(runs)}" if delta else "–"
+                parts.append(
+                    f"| {fraction:.0%} (n={runs[0]['n_train']}) | {method} | {_mean(runs, 'auroc'):.3f} ± "
+                    f"{np.std([r['auroc'] for r in runs]):.3f} | {_mean(runs, 'auroc_lo'):.3f}–{_mean(runs, 'auroc_hi'):.3f} | "
+                    f"{delta_text} | {significant} | {_mean(runs, 'ece_before'):.3f} → {_mean(runs, 'ece_after'):.3f} | "
+                    f"{_mean(runs, 'accuracy'):.3f} | {_mean(runs, 'train_seconds'):.0f} |"
+                )
+        parts.append("")
+    return "\n".join(parts)
+
+
+def plot(rows: Sequence[dict], task: str, path: Path) -> None:
+    """Test AUROC vs label fraction (one line per method, band: mean DeLong 95 % CI) beside ECE
+    before (dashed) and after (solid) calibration."""
+    cells = _cells(rows, task)
+    ticks = sorted({f for f, _ in cells})
+    fig, (ax_auc, ax_ece) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, method in enumerate(_methods(rows, task)):
+        fractions = sorted(f for f, m in cells if m == method)
+        runs = [cells[(f, method)] for f in fractions]
+        x = np.array(fractions) * 100
+        colour = f"C{i}"
+        ax_auc.plot(x, [_mean(r, "auroc") for r in runs], "o-", color=colour, label=method)
+        ax_auc.fill_between(x, [_mean(r, "auroc_lo") for r in runs], [_mean(r, "auroc_hi") for r in runs], color=colour, alpha=0.15)
+        ax_ece.plot(x, [_mean(r, "ece_before") for r in runs], "o--", color=colour, alpha=0.6)
+        ax_ece.plot(x, [_mean(r, "ece_after") for r in runs], "o-", color=colour, label=method)
+    for ax in (ax_auc, ax_ece):
+        ax.set_xscale("log")
+        ax.set_xticks([f * 100 for f in ticks], [f"{f:.0%}" for f in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("training labels used (%)")
+        ax.grid(alpha=0.3)
+    ax_auc.set_ylabel("test AUROC (band: 95 % DeLong CI)")
+    ax_auc.set_title(f"{task}: AUROC vs label fraction")
+    ax_auc.legend(fontsize=8, loc="lower right")
+    ax_ece.set_ylabel("test ECE (dashed: before, solid: after calibration)")
+    ax_ece.set_title(f"{task}: calibration error")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
