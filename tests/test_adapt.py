@@ -373,3 +373,15 @@ def test_pipeline_names_missing_target_scans(tmp_path):
     config = Config.model_validate({"data": {"manifest": str(manifest)}, "adapt": {"domain": "coral"}})
     with pytest.raises(ValueError, match="need unlabelled target scans"):
         train(config, tmp_path / "run")
+
+
+
+def test_early_stopping_waits_for_the_last_stage():
+    strategy = make_strategy(AdaptConfig(strategy="lp_ft", probe_epochs=4))
+    trainer = Trainer(Tiny(), strategy, TrainConfig(epochs=6, lr=1e-9, head_lr=1e-9, patience=1, device="cpu"))
+    assert strategy.last_stage_start(6) == 5
+    result = trainer.fit(_data(32), _data(16, seed=1))
+    assert len(result.history) >= 5  # patience 1 would stop inside the probe stage (epochs 1-4)
+    gradual = make_strategy(AdaptConfig(strategy="gradual_unfreeze"))
+    Trainer(Tiny(), gradual, TrainConfig(epochs=8, device="cpu"))
+    assert len(gradual.blocks) == 3 and gradual.last_stage_start(8) == 4  # one more block each epoch

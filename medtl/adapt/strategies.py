@@ -70,6 +70,15 @@ class FullFineTuning:
         """Factor on every group's scheduled rate in ``epoch``."""
         return 1.0
 
+    def last_stage_start(self, epochs: int) -> int:
+        """The first epoch of the last stage: early stopping waits for it, so LP-FT never ends
+        as a linear probe and gradual unfreezing always reaches the full network."""
+        final = self.trainable_blocks(epochs, epochs)
+        epoch = epochs
+        while epoch > 1 and self.trainable_blocks(epoch - 1, epochs) == final:
+            epoch -= 1
+        return epoch
+
     def start_epoch(self, epoch: int, epochs: int) -> bool:
         """Unfreeze/freeze blocks for ``epoch``; True when the set of learning blocks changed
         (a new stage: the trainer restarts its early-stopping patience)."""

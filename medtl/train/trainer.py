@@ -283,7 +283,8 @@ class Trainer:
     ) -> FitResult:
         """Train for ``cfg.epochs`` (or until ``cfg.patience`` epochs bring no gain in the
         selection score), then restore the best epoch's weights.  Ties go to the lower
-        validation loss; patience restarts when the strategy starts a new stage.
+        validation loss; patience restarts when the strategy starts a new stage, and no stop comes
+        before its last stage has begun.
 
         ``target_loader``: unlabelled target batches paired with the source batches (needed by a
         domain loss); ``target_eval_loader`` (default: ``target_loader``): the target scans the
@@ -364,7 +365,7 @@ class Trainer:
                     result.best_epoch, result.best_auroc, result.best_score = epoch, val_auroc, score
                 else:
                     stale += 1
-                    if stale >= self.cfg.patience:
+                    if stale >= self.cfg.patience and epoch >= self.strategy.last_stage_start(self.cfg.epochs):
                         log.info("early stop: no gain in %s for %d epochs", self.selection, stale)
                         stopped = True
                 due = epoch % self.cfg.checkpoint_every == 0 or stopped or epoch == self.cfg.epochs
