@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medtl.infer.table import FORMATS
+OUTPUT_FORMATS = ("csv", "jsonl")  # medtl.infer.FORMATS, spelled out so that --help does not import torch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", type=Path, help="Bundle folder written by 'medtl train'.")
     p.add_argument("input", type=Path, help="Folder (searched recursively for DICOM, NIfTI, PNG, JPEG) or manifest CSV.")
     p.add_argument("--out", type=Path, required=True, help="Output file (.csv, or .jsonl with --format jsonl).")
-    p.add_argument("--format", choices=FORMATS, default=None, help="Output format (default: from the --out suffix, else csv).")
+    p.add_argument("--format", choices=OUTPUT_FORMATS, default=None, help="Output format (default: from the --out suffix, else csv).")
     p.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="Scans per forward pass, or 'auto' (default): time a few sizes and take the fastest.")
     p.add_argument("--workers", type=int, default=None,
