@@ -20,7 +20,7 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     manifest: Path | None = Field(None, description="Manifest CSV (image, label[, site, patient_id, split]).")
-    target_manifest: Path | None = Field(None, description="Unlabelled target-site scans for adapt.domain (labels ignored).")
+    target_manifest: Path | None = Field(None, description="Unlabelled target-site scans for adapt.domain: an image column (labels ignored; no site = site 'target').")
     spatial_dims: Literal[2, 3] = 2
     image_size: list[int] | None = Field(None, description="Network input size; default: the backbone's.")
     intensity: Literal["auto", "cxr", "ct", "mr", "none"] = Field(

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Sequence
 from itertools import chain
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +100,10 @@ def _groups(records: Sequence[ScanRecord], columns: Sequence[str]) -> dict[str, 
 
 def _target_records(records: Sequence[ScanRecord], config: Config) -> list[ScanRecord]:
     """Unlabelled target scans: manifest rows with a site and no label, plus ``data.target_manifest``
-    (its labels, if any, are not used).  Required when ``adapt`` needs them."""
+    (its labels, if any, are not used; rows without a site are site 'target').  Required when ``adapt`` needs them."""
     targets = [r for r in records if not r.label and r.site]
     if config.data.target_manifest is not None:
-        targets += read_manifest(config.data.target_manifest)
+        targets += [r if r.site else replace(r, site="target") for r in read_manifest(config.data.target_manifest, require_label=False)]
     adapt = config.adapt
     if not targets and (adapt.domain != "none" or adapt.selection != "source_val"):
         raise ValueError(
@@ -114,7 +114,7 @@ def _target_records(records: Sequence[ScanRecord], config: Config) -> list[ScanR
 
 
 def _readable(parts: dict[str, list[ScanRecord]], *, skip: bool, run_dir: Path) -> dict[str, list[ScanRecord]]:
-    """Check every scan's header before training: refuse to start on unreadable scans (listing
+    """Check every scan's header before training (target scans too): refuse to start on unreadable scans (listing
     them all), or with ``skip`` leave them out and list them in ``RUN_DIR/unreadable.csv``."""
     records = [r for recs in parts.values() for r in recs]
     bad = dict(unreadable_scans([r.image for r in records]))
@@ -192,8 +192,10 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
     for name in ("train", "val"):
         if not parts[name]:
             raise ValueError(f"{data.manifest}: the '{name}' split is empty")
-    parts = {k: v for k, v in parts.items() if v}
-    parts = _readable(parts, skip=data.skip_unreadable, run_dir=run_dir)
+    parts = _readable({**{k: v for k, v in parts.items() if v}, "target": targets}, skip=data.skip_unreadable, run_dir=run_dir)
+    targets = parts.pop("target", [])
+    if not targets and (config.adapt.domain != "none" or config.adapt.selection != "source_val"):
+        raise ValueError("none of the unlabelled target scans can be read")
 
     mcfg = config.model
     model = create(

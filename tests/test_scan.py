@@ -98,3 +98,21 @@ def test_train_skips_unreadable_scans_when_told_and_lists_them(tmp_path):
     outcome = train(config, tmp_path / "run")
     listed = list(csv.DictReader(open(outcome.run_dir / "unreadable.csv")))
     assert [r["image"] for r in listed] == [str(broken)] and "not a readable DICOM" in listed[0]["error"]
+
+
+def test_train_checks_unlabelled_target_scans_before_training(tmp_path):
+    from medtl.pipeline import train
+
+    config, broken = _config_with_bad_scans(tmp_path, skip=False)
+    lines = config.data.manifest.read_text().splitlines()
+    config.data.manifest.write_text("\n".join(line for line in lines if "broken" not in line) + "\n")
+    target = tmp_path / "target.csv"
+    target.write_text(f"image\n{broken}\n")
+    config = config.model_copy(update={"data": config.data.model_copy(update={"target_manifest": target}),
+                                       "adapt": config.adapt.model_copy(update={"domain": "coral"})})
+    with pytest.raises(ScanReadError, match="1 of .* scans cannot be read") as info:
+        train(config, tmp_path / "run")
+    assert str(broken) in str(info.value)
+    config = config.model_copy(update={"data": config.data.model_copy(update={"skip_unreadable": True})})
+    with pytest.raises(ValueError, match="none of the unlabelled target scans can be read"):
+        train(config, tmp_path / "run2")

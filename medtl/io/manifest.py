@@ -43,8 +43,9 @@ def _cell(row: dict, key: str) -> str | None:
     return value or None
 
 
-def read_manifest(path: str | Path, *, check_files: bool = True) -> list[ScanRecord]:
-    """Read a manifest CSV; with ``check_files`` every ``image`` must exist.
+def read_manifest(path: str | Path, *, check_files: bool = True, require_label: bool = True) -> list[ScanRecord]:
+    """Read a manifest CSV; with ``check_files`` every ``image`` must exist.  Without
+    ``require_label`` only the ``image`` column is needed (unlabelled target scans).
 
     Row numbers in errors count the header as row 1, as a spreadsheet shows them."""
     path = Path(path)
@@ -54,9 +55,10 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> list[ScanRec
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in REQUIRED if c not in columns]
+        missing = [c for c in (REQUIRED if require_label else ("image",)) if c not in columns]
         if missing:
-            raise ManifestError(f"{path}: missing column(s) {missing}; found {columns} (need image,label[,site,patient_id,split])")
+            need = "image,label" if require_label else "image"
+            raise ManifestError(f"{path}: missing column(s) {missing}; found {columns} (need {need}[,site,patient_id,split])")
         reader.fieldnames = columns
         records = []
         for number, row in enumerate(reader, start=2):
