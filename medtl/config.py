@@ -137,6 +137,10 @@ class ReportConfig(_Section):
         ["site"], description="Manifest columns to report every metric by (site, or any extra column); absent ones are skipped."
     )
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the CIs that have no closed form.")
+    prevalence: float | None = Field(
+        None, gt=0, lt=1, description="Positive-class prevalence where the model will be used: binary reports add PPV and "
+        "NPV at it (Bayes from sensitivity and specificity) beside the evaluated sample's own."
+    )
 
 
 class Config(_Section):

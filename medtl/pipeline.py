@@ -325,6 +325,7 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         history=fit.history,
         title=info["title"],
         n_resamples=config.report.bootstrap,
+        prevalence=config.report.prevalence,
         seed=tcfg.seed,
         site_shift=_site_shift(before, trainer, shift_loaders, shift_sites, config) if diagnose_shift else None,
     )
@@ -340,10 +341,11 @@ def evaluate(
     batch_size: int = 16,
     num_workers: int = 2,
     subgroups: Sequence[str] | None = None,
+    prevalence: float | None = None,
 ) -> dict[str, Any]:
     """Report a bundle's performance on a labelled manifest, with its stored calibration and
     operating point.  Unreadable scans are listed in ``errors.csv`` and left out of the metrics.
-    ``subgroups`` defaults to the training run's ``report.subgroups``."""
+    ``subgroups`` and ``prevalence`` default to the training run's ``report`` settings."""
     predictor = bundles.load(bundle_path, device="cuda" if torch.cuda.is_available() else "cpu")
     records = [r for r in read_manifest(manifest) if r.label]
     unknown = sorted({r.label for r in records} - set(predictor.classes))
@@ -396,4 +398,5 @@ def evaluate(
         info=info,
         title=info["title"],
         n_resamples=trained.report.bootstrap,
+        prevalence=trained.report.prevalence if prevalence is None else prevalence,
     )

@@ -34,8 +34,10 @@ def test_cli_synth_train_evaluate_predict(tmp_path):
     assert (run / "report" / "site_shift.png").is_file()
 
     evaluation = tmp_path / "evaluation"
-    assert main(["evaluate", str(run / "bundle"), str(data / "test" / "labels.csv"), "--out", str(evaluation), "--workers", "0"]) == 0
+    assert main(["evaluate", str(run / "bundle"), str(data / "test" / "labels.csv"), "--out", str(evaluation), "--workers", "0",
+                 "--prevalence", "0.1"]) == 0
     metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert metrics["calibrated"]["threshold_metrics"]["prevalence"] == 0.1
 
     preds = tmp_path / "preds.csv"
     assert main(["predict", str(run / "bundle"), str(data / "test"), "--out", str(preds), "--workers", "0"]) == 0

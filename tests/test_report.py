@@ -242,3 +242,22 @@ def test_checklist_reads_an_evaluation_runs_info(tmp_path):
     assert "<td>train</td>" in checklist and "patient_level_disjoint" in checklist
     assert checklist.count("not recorded") >= 5  # seed, transfer method, preprocessing, hyperparameters, recalibration
     assert "No operating point was recorded" in page
+
+
+def test_stated_prevalence_adds_bayes_ppv_and_npv(tmp_path):
+    y, p_unc, p_cal, _ = _binary_data(n=200, seed=3)
+    op = choose_operating_point(y, p_cal[:, 1], "youden")
+    metrics = write_report(tmp_path, y_true=y, probs_uncalibrated=p_unc, probs_calibrated=p_cal, class_names=["n", "p"],
+                           positive_index=1, operating_point=op, groups=None, info={}, n_resamples=100, prevalence=0.05)
+    tm = metrics["calibrated"]["threshold_metrics"]
+    se, sp = tm["sensitivity"]["value"], tm["specificity"]["value"]
+    assert tm["prevalence"] == 0.05
+    assert tm["ppv_at_prevalence"]["value"] == pytest.approx(0.05 * se / (0.05 * se + 0.95 * (1 - sp)), rel=1e-12)
+    assert tm["npv_at_prevalence"]["value"] == pytest.approx(0.95 * sp / (0.95 * sp + 0.05 * (1 - se)), rel=1e-12)
+    # the sample's own prevalence is about 0.5: a 5 % prevalence lowers the PPV and raises the NPV
+    assert tm["ppv_at_prevalence"]["value"] < tm["ppv"]["value"] and tm["npv_at_prevalence"]["value"] > tm["npv"]["value"]
+    page = (tmp_path / "report.html").read_text()
+    assert "PPV at the stated prevalence 5.0%" in page and "NPV at the stated prevalence 5.0%" in page
+    without = summarize(y_true=y, probs_uncalibrated=p_unc, probs_calibrated=p_cal, class_names=["n", "p"], positive_index=1,
+                        operating_point=op, groups=None, info={}, n_resamples=100)
+    assert without["calibrated"]["threshold_metrics"]["ppv_at_prevalence"] is None

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Comma-separated manifest columns to report every metric by (default: the training config's "
         "report.subgroups, normally 'site').",
     )
+    p.add_argument("--prevalence", type=float, default=None,
+                   help="Positive-class prevalence where the model will be used: adds PPV and NPV at it (default: the "
+                   "training config's report.prevalence; the sample's own PPV/NPV are always reported).")
     p.set_defaults(func=run)
 
 
@@ -31,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from medtl.pipeline import evaluate
 
     subgroups = None if args.subgroups is None else [c.strip() for c in args.subgroups.split(",") if c.strip()]
-    evaluate(args.bundle, args.manifest, args.out, batch_size=args.batch_size, num_workers=args.workers, subgroups=subgroups)
+    if args.prevalence is not None and not 0 < args.prevalence < 1:
+        raise ValueError(f"--prevalence must be between 0 and 1, got {args.prevalence}")
+    evaluate(args.bundle, args.manifest, args.out, batch_size=args.batch_size, num_workers=args.workers, subgroups=subgroups,
+             prevalence=args.prevalence)
     print(f"report: {args.out / 'report.html'}")
     return 0

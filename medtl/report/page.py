@@ -143,6 +143,15 @@ THRESHOLD_ROWS = (
 )
 
 
+def _prevalence_rows(prevalence: float) -> tuple:
+    """PPV and NPV at the stated deployment prevalence (report.prevalence)."""
+    at = f"at the stated prevalence {_pct(prevalence)}"
+    return (
+        ("ppv_at_prevalence", f"PPV {at}", "p Se / (p Se + (1 - p)(1 - Sp))", _pct),
+        ("npv_at_prevalence", f"NPV {at}", "(1 - p) Sp / ((1 - p) Sp + p (1 - Se))", _pct),
+    )
+
+
 def _threshold_section(s: Mapping, images: Mapping[str, Path]) -> str:
     cal = s["calibrated"]
     if s["positive_class"]:
@@ -151,7 +160,7 @@ def _threshold_section(s: Mapping, images: Mapping[str, Path]) -> str:
             return "<h2>Operating point</h2><p>No operating point was recorded: decision metrics are not reported.</p>"
         op = s["operating_point"] or {}
         rows = []
-        for key, label, formula, fmt in THRESHOLD_ROWS:
+        for key, label, formula, fmt in THRESHOLD_ROWS + (_prevalence_rows(tm["prevalence"]) if tm.get("prevalence") else ()):
             est = tm[key]
             counts = f"{est['numerator']}/{est['denominator']}" if est.get("denominator") else ""
             rows.append([_e(label), _e(fmt(est["value"])), _e(_ci(est["ci"], fmt)), _e(counts), _e(formula), _e(est["method"])])

@@ -99,7 +99,7 @@ def _confusion(actual: np.ndarray, predicted: np.ndarray, labels: Sequence[str],
     return {"labels": list(labels), "matrix": matrix.tolist(), "rows": "actual class", "columns": columns}
 
 
-def _binary_block(y_bin, score, *, operating_point, names, n_bins, boot, band: bool) -> dict:
+def _binary_block(y_bin, score, *, operating_point, names, n_bins, boot, band: bool, prevalence: float | None) -> dict:
     both = 0 < y_bin.sum() < len(y_bin)
     block: dict[str, Any] = {
         "auroc": roc_auc(y_bin, score, conf_level=boot["conf_level"]).to_dict() if both
@@ -109,7 +109,7 @@ def _binary_block(y_bin, score, *, operating_point, names, n_bins, boot, band: b
     if band and both:
         block["roc_band"] = roc_band(y_bin, score, **boot)
     if operating_point is not None:
-        tm = threshold_metrics(y_bin, score, operating_point.threshold, **boot)
+        tm = threshold_metrics(y_bin, score, operating_point.threshold, prevalence=prevalence, **boot)
         block["threshold_metrics"] = tm.to_dict()
         predicted = (score >= operating_point.threshold).astype(int)
         block["confusion_matrix"] = _confusion(y_bin, predicted, names, f"predicted ({DECISION_RULE})")
@@ -221,6 +221,7 @@ def summarize(
     seed: int = 0,
     conf_level: float = 0.95,
     n_bins: int = N_BINS,
+    prevalence: float | None = None,
 ) -> dict:
     """All report figures as one JSON-ready dict.
 
@@ -229,6 +230,7 @@ def summarize(
     multi-class; ``operating_point``: threshold on the calibrated positive-class probability;
     ``groups``: {column: label per case} for subgroup figures; ``info``: JSON-able run facts,
     copied to ``info``.  Bootstrap CIs use ``n_resamples`` class-stratified resamples from ``seed``.
+    ``prevalence``: the deployment prevalence; binary threshold metrics add PPV and NPV at it.
 
     Keys: ``title``, ``n``, ``class_names``, ``class_counts``, ``positive_class``,
     ``operating_point``, ``uncalibrated`` and ``calibrated`` (each with ``auroc`` {auc, ci, ...}
@@ -256,7 +258,7 @@ def summarize(
             calibrated = key == "calibrated"
             summary[key] = _binary_block(
                 y_bin, probs[:, positive_index], operating_point=operating_point if calibrated else None,
-                names=binary_names, n_bins=n_bins, boot=boot, band=calibrated,
+                names=binary_names, n_bins=n_bins, boot=boot, band=calibrated, prevalence=prevalence,
             )
         summary["decision_curve"] = decision_curve(y_bin, p_c[:, positive_index]).to_dict()
     else:

@@ -31,6 +31,7 @@ def write_report(
     n_resamples: int = 2000,
     seed: int = 0,
     site_shift: Mapping[str, Mapping[str, Any]] | None = None,
+    prevalence: float | None = None,
 ) -> dict:
     """Write ``metrics.json``, ``roc.png``, ``reliability.png``, ``decision_curve.png`` (binary),
     ``confusion.png``, ``training.png`` (with ``history``) and ``report.html`` to ``out_dir``.
@@ -54,6 +55,7 @@ def write_report(
         title=title,
         n_resamples=n_resamples,
         seed=seed,
+        prevalence=prevalence,
     )
     images = draw_all(out, summary, np.asarray(y_true), np.asarray(probs_calibrated, dtype=np.float64), positive_index,
                       history, site_shift)
