@@ -233,7 +233,7 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
 
     report_split = "test" if "test" in eval_loaders else "val"
     shift_loaders = [eval_loaders[report_split]] + ([target_eval] if target_eval is not None else [])
-    shift_sites = [r.site or "unknown" for r in parts[report_split] + targets]
+    shift_sites = [r.site or "source" for r in parts[report_split]] + [r.site for r in targets]  # labelled = source
     diagnose_shift = is_main() and len(set(shift_sites)) > 1
     if diagnose_shift:
         before = extract_features(model, chain(*shift_loaders))

@@ -32,7 +32,7 @@ TRAINED = ("none", "dann", "cdan", "coral", "mmd")
 AFTER = ("adabn", "tent")
 
 
-def loaders(root: Path, size: int, batch: int) -> dict:
+def loaders(root: Path, size: int, batch: int, weights: str) -> dict:
     paths = write_synthetic(root, seed=0, test_per_site=100)
     records = read_manifest(paths["manifest"])
     source = assign_splits([r for r in records if r.site == "A"], val_fraction=0.2, seed=0)
@@ -40,7 +40,7 @@ def loaders(root: Path, size: int, batch: int) -> dict:
     test = [r for r in read_manifest(paths["test_labels"]) if r.site == "B"]
     classes = ["normal", "opacity"]
     pre = make_preprocessing(spatial_dims=2, image_size=size, channels=1, intensity="auto", ct_window=(40.0, 400.0),
-                             normalization=preprocessing_for("resnet18", "none"))
+                             normalization=preprocessing_for("resnet18", weights))
     train_t, eval_t = build_transforms(pre, train=True), build_transforms(pre, train=False)
     args = dict(batch_size=batch, num_workers=0, cache="memory")
     target_items = [{"image": str(r.image), "label": -1} for r in target]
@@ -53,9 +53,9 @@ def loaders(root: Path, size: int, batch: int) -> dict:
     }
 
 
-def run(data: dict, method: str, seed: int, epochs: int, weight: float) -> tuple[Trainer, float]:
+def run(data: dict, method: str, seed: int, epochs: int, weight: float, weights: str) -> tuple[Trainer, float]:
     set_determinism(seed=seed)
-    model = create("resnet18", weights="none", in_channels=1, num_classes=2)
+    model = create("resnet18", weights=weights, in_channels=1, num_classes=2)
     tcfg = TrainConfig(epochs=epochs, lr=1e-3, head_lr=1e-3, patience=epochs, seed=seed, device="cpu")
     domain = make_domain_loss(method, model.feature_dim, 2, weight=weight)
     trainer = Trainer(model, make_strategy(AdaptConfig()), tcfg, domain=domain)
@@ -70,16 +70,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--weight", type=float, default=1.0, help="adapt.domain_weight")
+    parser.add_argument("--weights", default="none", help="model.weights of the ResNet-18 (e.g. bundle:PATH); default: from scratch")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     results: dict[str, list[float]] = {m: [] for m in (*TRAINED, *AFTER)}
     seconds: dict[str, float] = {m: 0.0 for m in results}
     with tempfile.TemporaryDirectory() as tmp:
-        data = loaders(Path(tmp), args.size, args.batch)
+        data = loaders(Path(tmp), args.size, args.batch, args.weights)
         for seed in args.seeds:
             for method in TRAINED:
                 start = time.perf_counter()
-                trainer, score = run(data, method, seed, args.epochs, args.weight)
+                trainer, score = run(data, method, seed, args.epochs, args.weight, args.weights)
                 seconds[method] += time.perf_counter() - start
                 results[method].append(score)
                 print(f"seed {seed} {method:6s} target AUROC {score:.3f}", flush=True)
@@ -93,14 +95,16 @@ def main() -> None:
                         seconds[after] += time.perf_counter() - start
                         print(f"seed {seed} {after:6s} target AUROC {results[after][-1]:.3f}", flush=True)
     base = np.array(results["none"])
-    print(f"\nresnet18 from scratch, {args.size} px, {args.epochs} epochs, seeds {args.seeds}; target = site B test scans")
-    print("| method | target AUROC (mean ± sd) | gain vs source-only (mean ± sd) | seconds/seed |")
-    print("|---|---|---|---|")
+    print(f"\nresnet18 (weights: {args.weights}), {args.size} px, {args.epochs} epochs, seeds {args.seeds}; target = site B test scans")
+    print("| method | target AUROC (mean ± sd) | gain vs source-only (mean ± sd) | seeds above source-only | per seed | seconds/seed |")
+    print("|---|---|---|---|---|---|")
     for method, scores in results.items():
         s = np.array(scores)
         name = "source-only" if method == "none" else method
         gain = "" if method == "none" else f"{(s - base).mean():+.3f} ± {(s - base).std(ddof=1):.3f}"
-        print(f"| {name} | {s.mean():.3f} ± {s.std(ddof=1):.3f} | {gain} | {seconds[method] / len(args.seeds):.0f} |")
+        wins = "" if method == "none" else f"{int(np.sum(s > base))}/{len(s)}"
+        per_seed = " / ".join(f"{v:.3f}" for v in s)
+        print(f"| {name} | {s.mean():.3f} ± {s.std(ddof=1):.3f} | {gain} | {wins} | {per_seed} | {seconds[method] / len(args.seeds):.0f} |")
 
 
 if __name__ == "__main__":
