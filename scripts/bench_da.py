@@ -5,7 +5,9 @@ AUROC on site B's held-out labelled scans in ``test/`` (never seen in training).
 trains the same backbone from the same seed; AdaBN and TENT adapt the source-only model after
 training.  Prints a mean ± sd table over seeds and each method's gain over source-only.
 
-    .venv/bin/python scripts/bench_da.py --seeds 0 1 2 --epochs 4 --size 64
+    .venv/bin/python scripts/bench_da.py --seeds 0 1 2 3 4 --epochs 20 --size 64
+    .venv/bin/python scripts/bench_da.py --seeds 0 1 2 3 4 --epochs 10 --size 48 \
+        --weights bundle:runs/transfer_study/runs/mednist_source/bundle
 """
 
 from __future__ import annotations
