@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transfer_study  # noqa: E402
 
 from medtl.config import load_config  # noqa: E402
-from medtl.metrics import delong_test, roc_auc  # noqa: E402
+from medtl.metrics import delong_test, expected_calibration_error, roc_auc  # noqa: E402
 from medtl.pipeline import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,8 +158,10 @@ def run(method: str, seed: int, manifests: dict[str, Path], source_bundle: Path,
     result = {"method": method, "seed": seed, "train_seconds": round(time.perf_counter() - started, 1)}
     for test in ("test_shifted", "test_clean"):
         labels, scores = transfer_study.scores_on_test(outcome.bundle, manifests[test])
+        _, calibrated = transfer_study.scores_on_test(outcome.bundle, manifests[test], calibrated=True)
         auc = roc_auc(labels, scores)
-        result[test] = {"auroc": auc.auc, "lo": auc.ci[0], "hi": auc.ci[1], "labels": labels, "scores": scores}
+        result[test] = {"auroc": auc.auc, "lo": auc.ci[0], "hi": auc.ci[1], "labels": labels, "scores": scores,
+                        "ece": expected_calibration_error(np.array(labels), np.array(calibrated))}
     done.write_text(json.dumps(result))
     return result
 
@@ -177,8 +179,8 @@ def table(results: list[dict]) -> str:
     by = {(r["method"], r["seed"]): r for r in results}
     seeds = sorted({r["seed"] for r in results})
     lines = ["| method | target AUROC (shifted), mean ± sd | gain vs source-only `full` | seeds above `full` (significant / below significant) "
-             "| clean AUROC | per seed (target) | min/run |",
-             "|---|---|---|---|---|---|---|"]
+             "| target ECE (calibrated) | clean AUROC | per seed (target) | min/run |",
+             "|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
         rows = [by[method, s] for s in seeds if (method, s) in by]
         if not rows:
@@ -190,9 +192,10 @@ def table(results: list[dict]) -> str:
         gain = _mean_sd(target - base, signed=True) if paired else ""
         signs = [significant_vs_full(r, by["full", r["seed"]]) for r in rows] if paired else []
         wins = f"{int(np.sum(target > base))}/{len(rows)} ({signs.count(1)} / {signs.count(-1)})" if paired else ""
+        ece = np.array([r["test_shifted"]["ece"] for r in rows])
         minutes = np.mean([r["train_seconds"] for r in rows]) / 60
         per_seed = " / ".join(f"{t:.3f}" for t in target)
-        lines.append(f"| {method} | {_mean_sd(target)} | {gain} | {wins} | {_mean_sd(clean)} | {per_seed} | {minutes:.1f} |")
+        lines.append(f"| {method} | {_mean_sd(target)} | {gain} | {wins} | {_mean_sd(ece)} | {_mean_sd(clean)} | {per_seed} | {minutes:.1f} |")
     return "\n".join(lines)
 
 

@@ -131,9 +131,10 @@ def pretrain_source(args: argparse.Namespace) -> tuple[Path, str]:
     return out / "bundle", summary
 
 
-def scores_on_test(bundle: Path, manifest: Path) -> tuple[list[int], list[float]]:
-    """The model's positive-class probability (softmax, before calibration) for each test row,
-    from the saved bundle: the scores its AUROC is computed on."""
+def scores_on_test(bundle: Path, manifest: Path, *, calibrated: bool = False) -> tuple[list[int], list[float]]:
+    """The model's positive-class probability for each test row, from the saved bundle: softmax
+    before calibration (the scores its AUROC is computed on), or with ``calibrated`` after the
+    bundle's stored calibration."""
     rows = [r for r in data.read_rows(manifest) if r["split"] == "test"]
     predictor = bundles.load(bundle)
     results = list(iter_logits(predictor, [manifest.parent / r["image"] for r in rows], batch_size=64, num_workers=0))
@@ -143,7 +144,8 @@ def scores_on_test(bundle: Path, manifest: Path) -> tuple[list[int], list[float]
     logits = torch.as_tensor(np.stack([r.logits for r in results]), dtype=torch.float64)
     positive = predictor.positive_index
     labels = [int(r["label"] == predictor.classes[positive]) for r in rows]
-    return labels, torch.softmax(logits, dim=1)[:, positive].tolist()
+    probs = predictor.calibrate(logits.numpy()) if calibrated else torch.softmax(logits, dim=1).numpy()
+    return labels, probs[:, positive].tolist()
 
 
 def run_cell(task: Task, method: Method, fraction: float, seed: int, manifest: Path, n_train: int, args, weights: dict) -> dict:

@@ -385,3 +385,34 @@ def test_early_stopping_waits_for_the_last_stage():
     gradual = make_strategy(AdaptConfig(strategy="gradual_unfreeze"))
     Trainer(Tiny(), gradual, TrainConfig(epochs=8, device="cpu"))
     assert len(gradual.blocks) == 3 and gradual.last_stage_start(8) == 4  # one more block each epoch
+
+
+@pytest.mark.slow
+def test_pipeline_calibrates_before_adabn_and_bundles_the_adapted_model(tmp_path):
+    """AdaBN re-normalises after calibration: the bundle's calibrator, threshold and report come
+    from the model as trained (equal to a run without AdaBN), only BatchNorm statistics differ."""
+    from medtl import bundle as bundles
+    from medtl.pipeline import train
+
+    manifest = _two_site(tmp_path)
+
+    def run(domain: str):
+        config = Config.model_validate({
+            "data": {"manifest": str(manifest), "image_size": [32, 32], "num_workers": 0},
+            "model": {"backbone": "resnet18", "weights": "none"},
+            "adapt": {"domain": domain},
+            "train": {"epochs": 1, "batch_size": 8, "device": "cpu"},
+            "report": {"bootstrap": 100},
+        })
+        outcome = train(config, tmp_path / domain)
+        return outcome, bundles.load(outcome.bundle, device="cpu")
+
+    plain, plain_bundle = run("none")
+    adapted, adapted_bundle = run("adabn")
+    assert adapted_bundle.calibrator.to_dict() == plain_bundle.calibrator.to_dict()
+    assert adapted_bundle.operating_point == plain_bundle.operating_point
+    assert adapted.metrics["calibrated"]["auroc"]["auc"] == plain.metrics["calibrated"]["auroc"]["auc"]
+    assert "before its adabn step" in adapted.metrics["info"]["evaluated_on"]
+    before, after = plain_bundle.model.state_dict(), adapted_bundle.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)

@@ -18,7 +18,7 @@ from medtl.adapt.domain import (
     prediction_entropy,
     reverse_gradient,
 )
-from medtl.adapt.norm import Tent, adabn, adapt_normalization, batch_statistics, norm_affine_parameters
+from medtl.adapt.norm import NORMALIZATION_METHODS, Tent, adabn, adapt_normalization, batch_statistics, norm_affine_parameters
 from medtl.adapt.selection import SCORES, information_maximization, negative_entropy, soft_neighborhood_density, target_scores
 from medtl.adapt.strategies import LPFT, STRATEGIES, FullFineTuning, GradualUnfreeze, LinearProbe, make_strategy
 
@@ -36,6 +36,7 @@ __all__ = [
     "LPFT",
     "LinearProbe",
     "MultiKernelMMDLoss",
+    "NORMALIZATION_METHODS",
     "SCORES",
     "STRATEGIES",
     "TRAINING_METHODS",

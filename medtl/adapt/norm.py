@@ -24,6 +24,7 @@ from medtl.adapt.domain import prediction_entropy
 log = logging.getLogger(__name__)
 
 NORM_LAYERS = (_BatchNorm, nn.GroupNorm, _InstanceNorm, nn.LayerNorm)
+NORMALIZATION_METHODS = ("adabn", "tent")  # adapt.domain values applied after training
 
 
 def _images(batch) -> torch.Tensor:
@@ -135,7 +136,7 @@ def adapt_normalization(model: nn.Module, method: str, target: Iterable, *, tent
     on ``target``; ``tent`` does the same and then runs :class:`Tent` for ``tent_steps`` passes, so
     the saved model (used in eval mode) normalises with target statistics, as TENT adapted it to.
     Any other method leaves the model as it is."""
-    if method in ("adabn", "tent"):
+    if method in NORMALIZATION_METHODS:
         adabn(model, target, device)
     if method == "tent":
         Tent(model, lr=tent_lr).adapt(target, device, epochs=tent_steps)
