@@ -167,10 +167,14 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+DATA_PATHS = ("manifest", "target_manifest")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (relative paths resolved against its folder) and apply ``key=value`` overrides."""
+    """Read a YAML config and apply ``key=value`` overrides.  Relative manifest paths are resolved
+    against the config file's folder when written in the file, and against the working directory
+    when given as an override (as a path typed on the command line is)."""
     tree: dict[str, Any] = {}
-    base = Path.cwd()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -178,7 +182,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         tree = yaml.safe_load(path.read_text()) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        base = path.resolve().parent
+        data = tree.get("data")
+        for key in DATA_PATHS if isinstance(data, dict) else ():
+            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                data[key] = str((path.resolve().parent / data[key]).resolve())
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -189,10 +196,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     except ValidationError as err:
         where = f"{path}" if path else "config"
         raise ConfigError(f"{where} is invalid:\n{err}") from None
-    for key in ("manifest", "target_manifest"):
+    for key in DATA_PATHS:
         value = getattr(config.data, key)
         if value is not None and not value.is_absolute():
-            setattr(config.data, key, (base / value).resolve())
+            setattr(config.data, key, value.resolve())
     return config
 
 

@@ -20,6 +20,17 @@ def test_file_overrides_and_relative_manifest(tmp_path: Path):
     assert config.model.weights == "none" and config.data.image_size == [32, 32]
 
 
+def test_override_paths_are_relative_to_the_working_directory(tmp_path: Path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "run.yaml").write_text("data:\n  manifest: data/m.csv\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config("configs/run.yaml", ["data.target_manifest=site_b/unlabelled.csv"])
+    assert config.data.manifest == (tmp_path / "configs" / "data" / "m.csv").resolve()  # written in the file
+    assert config.data.target_manifest == (tmp_path / "site_b" / "unlabelled.csv").resolve()  # typed on the command line
+    config = load_config("configs/run.yaml", ["data.manifest=mine.csv"])
+    assert config.data.manifest == (tmp_path / "mine.csv").resolve()
+
+
 def test_round_trip_through_yaml(tmp_path: Path):
     config = load_config(None, ["train.epochs=2", "operating_point.method=sensitivity", "operating_point.target=0.9"])
     (tmp_path / "c.yaml").write_text(dump_config(config))
