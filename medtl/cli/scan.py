@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input_dir", type=Path, help="Folder to scan (recursively; hidden files skipped).")
     p.add_argument("--out", type=Path, default=None, help="Inventory CSV to write (default: print a summary only).")
-    p.add_argument("--workers", type=int, default=8, help="Header-reading threads (default 8).")
+    p.add_argument("--workers", type=int, default=8, help="Header-reading threads (default 8: overlaps network-share latency; on a local disk 1 is fastest).")
     p.set_defaults(func=run)
 
 
