@@ -225,6 +225,11 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
     eval_loaders = {name: make_loader(items[name], eval_transform, shuffle=False, **loader_args) for name in parts if name != "train"}
 
     acfg = config.adapt
+    if acfg.domain in ("dann", "cdan") and acfg.selection == "source_val" and is_main():
+        log.warning("adapt.domain=%s with source-validation model selection: adversarial alignment can scramble the "
+                    "target site's classes while source validation stays high (docs/benchmarks.md, Domain adaptation); "
+                    "check the bundle on a few labelled target scans with medtl evaluate, or try adapt.domain=adabn",
+                    acfg.domain)
     target_items = [{"image": str(r.image), "label": -1} for r in targets]
     target_eval = make_loader(target_items, eval_transform, shuffle=False, **loader_args) if targets else None
     target_train = None

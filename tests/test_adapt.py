@@ -416,3 +416,19 @@ def test_pipeline_calibrates_before_adabn_and_bundles_the_adapted_model(tmp_path
     before, after = plain_bundle.model.state_dict(), adapted_bundle.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+
+
+@pytest.mark.slow
+def test_pipeline_warns_that_source_validation_cannot_see_an_adversarial_collapse(tmp_path, caplog):
+    from medtl.pipeline import train
+
+    config = Config.model_validate({
+        "data": {"manifest": str(_two_site(tmp_path)), "image_size": [32, 32], "num_workers": 0},
+        "model": {"backbone": "resnet18", "weights": "none"},
+        "adapt": {"domain": "dann"},
+        "train": {"epochs": 1, "batch_size": 8, "device": "cpu"},
+        "report": {"bootstrap": 100},
+    })
+    with caplog.at_level("WARNING", logger="medtl.pipeline"):
+        train(config, tmp_path / "run")
+    assert any("source-validation model selection" in r.message and "medtl evaluate" in r.message for r in caplog.records)
