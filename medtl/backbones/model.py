@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medtl.backbones.registry import BackboneSpec, get_spec, preprocessing_for, source_of
+from medtl.backbones.registry import BackboneSpec, get_spec, preprocessing_for, source_of, torchvision_name
 from medtl.backbones.sources import read_source
 from medtl.backbones.weights import LoadReport, transfer
 
@@ -93,6 +93,20 @@ def build_backbone(spec: BackboneSpec, in_channels: int) -> nn.Module:
             conv1_t_stride=2,
             shortcut_type=shortcut,
             bias_downsample=bias_downsample,
+            feed_forward=False,
+        )
+    elif spec.family == "monai_resnet_proj":
+        from monai.networks import nets
+
+        # torchvision's ResNet in 3D: 1x1 projection shortcuts without bias, so every tensor of a
+        # 2D ImageNet ResNet (or a 2D medtl bundle) has a 3D home and inflates.
+        net = getattr(nets, torchvision_name(spec.name))(
+            spatial_dims=3,
+            n_input_channels=in_channels,
+            conv1_t_size=7,
+            conv1_t_stride=2,
+            shortcut_type="B",
+            bias_downsample=False,
             feed_forward=False,
         )
     elif spec.family == "monai_densenet":

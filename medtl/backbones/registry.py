@@ -124,8 +124,11 @@ _EXTRA_2D_SOURCES = {"densenet121": {"torchxrayvision": TORCHXRAYVISION}}
 
 # MONAI ResNets in MedicalNet's configuration; MedicalNet ships depths 10-50 for the 23-dataset
 # weights.  ImageNet weights inflate exactly only where every 2D tensor has a 3D home: resnet50
-# (projection shortcuts) and densenet121; resnet18/34 use MedicalNet's parameter-free shortcut.
+# (projection shortcuts) and densenet121; resnet18/34 use MedicalNet's parameter-free shortcut,
+# so their torchvision layout (1x1 projection shortcuts, no bias) is an entry of its own,
+# ``resnet18_proj``/``resnet34_proj``: 3D only, initialised from ImageNet or a 2D resnet18/34 bundle.
 _MONAI_RESNET = {"resnet10": 512, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
+_MONAI_RESNET_PROJ = {"resnet18_proj": 512, "resnet34_proj": 512}
 DEFAULT_3D_SIZE = 96
 
 
@@ -133,7 +136,7 @@ def _build_registry() -> dict[tuple[str, int], BackboneSpec]:
     dims_of: dict[str, set[int]] = {}
     for name in _TORCHVISION:
         dims_of.setdefault(name, set()).add(2)
-    for name in [*_MONAI_RESNET, "densenet121"]:
+    for name in [*_MONAI_RESNET, *_MONAI_RESNET_PROJ, "densenet121"]:
         dims_of.setdefault(name, set()).add(3)
     supported = {name: tuple(sorted(d)) for name, d in dims_of.items()}
 
@@ -155,6 +158,10 @@ def _build_registry() -> dict[tuple[str, int], BackboneSpec]:
         entries[name, 3] = BackboneSpec(
             name, 3, supported[name], "monai_resnet", dim, "conv1", "fc", "layer4", DEFAULT_3D_SIZE, sources
         )
+    for name, dim in _MONAI_RESNET_PROJ.items():
+        entries[name, 3] = BackboneSpec(
+            name, 3, supported[name], "monai_resnet_proj", dim, "conv1", "fc", "layer4", DEFAULT_3D_SIZE, {"imagenet": _imagenet()}
+        )
     entries["densenet121", 3] = BackboneSpec(
         "densenet121", 3, supported["densenet121"], "monai_densenet", 1024, "features.conv0",
         "class_layers.out", "features", DEFAULT_3D_SIZE, {"imagenet": _imagenet()},
@@ -169,6 +176,11 @@ REGISTRY_ENTRIES: list[tuple[str, int]] = sorted(REGISTRY)
 def list_backbones(spatial_dims: int | None = None) -> list[str]:
     """Registry names, optionally only those built in ``spatial_dims``."""
     return sorted({name for name, dims in REGISTRY if spatial_dims in (None, dims)})
+
+
+def torchvision_name(name: str) -> str:
+    """The torchvision model whose ImageNet file (and 2D bundles) initialise registry entry ``name``."""
+    return name.removesuffix("_proj")
 
 
 def get_spec(name: str, spatial_dims: int | None = None) -> BackboneSpec:

@@ -25,7 +25,7 @@ from medtl.backbones.files import (
     strip_prefix,
     weights_dir,
 )
-from medtl.backbones.registry import REGISTRY, BackboneSpec, read_bundle_meta, source_of
+from medtl.backbones.registry import REGISTRY, BackboneSpec, read_bundle_meta, source_of, torchvision_name
 
 # torchvision's checkpoint names carry the first hex digits of the file's sha256.
 _NAME_HASH = re.compile(r"-([a-f0-9]{8,})\.")
@@ -218,7 +218,7 @@ def _read_bundle(spec: BackboneSpec, arg: str) -> SourceWeights:
     folder = Path(arg)
     meta = read_bundle_meta(folder)
     model = meta.get("model", {})
-    if model.get("backbone") != spec.name:
+    if model.get("backbone") not in (spec.name, torchvision_name(spec.name)):
         raise ValueError(f"{folder}: the bundle's backbone is {model.get('backbone')!r}, not {spec.name!r}; build {model.get('backbone')!r}")
     path = folder / "model.safetensors"
     state = load_state_file(path)
@@ -234,7 +234,7 @@ def _read_file(spec: BackboneSpec, arg: str) -> SourceWeights:
 
 
 def _read_imagenet(spec: BackboneSpec, arg: str) -> SourceWeights:
-    state, path = imagenet_state_dict(spec.name, arg or None)
+    state, path = imagenet_state_dict(torchvision_name(spec.name), arg or None)
     return SourceWeights(state, str(path))
 
 
@@ -285,7 +285,7 @@ def expected_files() -> list[ExpectedFile]:
         if "imagenet" in spec.sources:
             imagenet_dims.setdefault(name, []).append(dims)
     for name, dims in imagenet_dims.items():
-        path, url, prefix = imagenet_checkpoint(name)
+        path, url, prefix = imagenet_checkpoint(torchvision_name(name))
         note = "3D: inflated from the 2D file" if 3 in dims else ""
         rows.append(ExpectedFile("imagenet", name, tuple(sorted(dims)), path.name, path.parent, prefix, url, note))
     local = weights_dir()

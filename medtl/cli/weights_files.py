@@ -20,7 +20,7 @@ from medtl.backbones import (
 )
 from medtl.backbones.files import record_sha256, recorded_sha256, verify_sha256
 from medtl.backbones.registry import REGISTRY
-from medtl.backbones.sources import ExpectedFile, imagenet_checkpoint
+from medtl.backbones.sources import ExpectedFile
 from medtl.cli.weights import IMPORTABLE
 
 LOAD_ERRORS = (ChecksumError, WeightsFormatError, WeightsMismatchError, WeightsNotFoundError, KeyError, ValueError)
@@ -108,7 +108,7 @@ def _destination(source: str, file: Path) -> tuple[ExpectedFile, Path]:
         rows = [r for r in expected_files() if r.source == "imagenet" and r.backbone == backbone]
         if not rows:
             raise ValueError(f"no ImageNet weights for '{backbone}'; backbones with them: {_with_source('imagenet')}")
-        return rows[0], imagenet_checkpoint(backbone)[0]
+        return rows[0], rows[0].path
     if name == "medicalnet":
         match = re.fullmatch(r"resnet_(\d+)(_23dataset)?\.pth", file.name)
         row = _match(file) if match else None

@@ -74,12 +74,13 @@ def test_import_refuses_wrong_files(tmp_path, capsys):
     assert not (weights_dir() / "torchxrayvision").exists()
 
 
-def test_import_imagenet_into_the_torch_cache(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("backbone, dims", [("resnet18", 2), ("resnet18_proj", 3)])
+def test_import_imagenet_into_the_torch_cache(tmp_path, monkeypatch, capsys, backbone, dims):
     download = tmp_path / "resnet18-downloaded.pth"
     torch.save(torchvision.models.resnet18().state_dict(), download)
     digest = sha256_file(download)
     monkeypatch.setattr(sources_module, "_torchvision_hash_prefix", lambda name: digest[:8])
-    assert medtl("weights", "import", "imagenet:resnet18", str(download)) == 0
-    assert imagenet_checkpoint("resnet18")[0].is_file()
+    assert medtl("weights", "import", f"imagenet:{backbone}", str(download)) == 0
+    assert imagenet_checkpoint("resnet18")[0].is_file()  # the 3D network reads torchvision's 2D file
     assert "model.weights: imagenet" in capsys.readouterr().out
-    assert create("resnet18", weights="imagenet").load_report.ok
+    assert create(backbone, weights="imagenet", spatial_dims=dims).load_report.ok

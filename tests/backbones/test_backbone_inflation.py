@@ -27,25 +27,27 @@ def test_mean_inflation_matches_2d_inside_the_volume():
         inflate_to_3d(weight, 3, "spread")
 
 
-def test_imagenet_resnet50_initialises_its_3d_twin(monkeypatch):
-    """The ImageNet file in the torch cache inflates into MONAI's 3D ResNet-50; a constant-depth
-    volume through the 3D net equals the 2D net on the slice."""
-    net2d = torchvision.models.resnet50()
+@pytest.mark.parametrize("name2d, name3d, convolutions", [("resnet50", "resnet50", 53), ("resnet18", "resnet18_proj", 20)])
+def test_imagenet_resnet_initialises_its_3d_twin(monkeypatch, name2d, name3d, convolutions):
+    """The ImageNet file in the torch cache inflates into MONAI's 3D ResNet (projection shortcuts);
+    a constant-depth volume through the 3D net equals the 2D net on the slice."""
+    net2d = getattr(torchvision.models, name2d)()
     for m in net2d.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.2)
             m.running_var.uniform_(0.5, 1.5)
-    path = imagenet_checkpoint("resnet50")[0]
+    path = imagenet_checkpoint(name2d)[0]
     path.parent.mkdir(parents=True)
     torch.save(net2d.state_dict(), path)
     digest = sha256_file(path)
     monkeypatch.setattr(sources_module, "_torchvision_hash_prefix", lambda name: digest[:8])
 
-    flat = create("resnet50", weights="imagenet", in_channels=1).eval()
-    twin = create("resnet50", weights="imagenet", in_channels=1, spatial_dims=3, inflation="centre").eval()
+    flat = create(name2d, weights="imagenet", in_channels=1).eval()
+    twin = create(name3d, weights="imagenet", in_channels=1, spatial_dims=3, inflation="centre").eval()
     report = twin.load_report
     assert report.ok and report.adapted["conv1.weight"] == "2D -> 3D (centre over depth 7); 3 -> 1 input channels (summed)"
-    assert len(report.adapted) == 53  # every convolution
+    assert not report.missing and not report.unexpected
+    assert len(report.adapted) == convolutions  # every convolution
     image = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         expected = flat.forward_features(image)

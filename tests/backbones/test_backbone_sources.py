@@ -189,3 +189,20 @@ def test_bundle_backbone_becomes_pretrained_weights(tmp_path):
         create("resnet34", weights=f"bundle:{tmp_path / 'site_a'}")
     with pytest.raises(FileNotFoundError, match="not a medtl bundle"):
         create("resnet18", weights=f"bundle:{tmp_path}")
+
+
+def test_2d_resnet18_bundle_inflates_whole_into_resnet18_proj(tmp_path):
+    """Every tensor of a 2D ResNet-18 bundle has a home in the projection-shortcut 3D ResNet-18
+    (no allow_mismatch), and a constant-depth volume gives the 2D features."""
+    site_a = create("resnet18", in_channels=1, num_classes=3).eval()
+    _randomise_bn(site_a)
+    _bundle(tmp_path / "site_a", site_a)
+    volume_model = create("resnet18_proj", weights=f"bundle:{tmp_path / 'site_a'}", in_channels=1, spatial_dims=3,
+                          inflation="centre").eval()
+    report = volume_model.load_report
+    assert report.ok and not report.missing and sorted(report.dropped) == ["head.bias", "head.weight"]
+    assert len(report.adapted) == 20
+    image = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(volume_model.forward_features(image.unsqueeze(2).repeat(1, 1, 8, 1, 1)),
+                                   site_a.forward_features(image), rtol=1e-4, atol=1e-4)
