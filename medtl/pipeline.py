@@ -25,7 +25,7 @@ from medtl import bundle as bundles
 from medtl.bundle.bundle import CONFIG_FILE as BUNDLE_CONFIG
 from medtl.backbones import check_batch, create, preprocessing_for
 from medtl.calibrate import make_calibrator
-from medtl.config import Config, dump_config, load_config
+from medtl.config import AdaptConfig, Config, dump_config, load_config
 from medtl.infer import ERROR_COLUMNS, iter_logits, write_table
 from medtl.io import ScanReadError, ScanRecord, assign_splits, read_manifest, unreadable_scans
 from medtl.metrics import OperatingPoint, choose_operating_point
@@ -98,6 +98,11 @@ def _groups(records: Sequence[ScanRecord], columns: Sequence[str]) -> dict[str, 
     return groups or None
 
 
+def _needs_targets(adapt: AdaptConfig) -> bool:
+    """Whether the adaptation method or the model selection reads unlabelled target scans."""
+    return adapt.domain != "none" or adapt.selection != "source_val"
+
+
 def _target_records(records: Sequence[ScanRecord], config: Config) -> list[ScanRecord]:
     """Unlabelled target scans: manifest rows with a site and no label, plus ``data.target_manifest``
     (its labels, if any, are not used; rows without a site are site 'target').  Required when ``adapt`` needs them."""
@@ -105,7 +110,7 @@ def _target_records(records: Sequence[ScanRecord], config: Config) -> list[ScanR
     if config.data.target_manifest is not None:
         targets += [r if r.site else replace(r, site="target") for r in read_manifest(config.data.target_manifest, require_label=False)]
     adapt = config.adapt
-    if not targets and (adapt.domain != "none" or adapt.selection != "source_val"):
+    if not targets and _needs_targets(adapt):
         raise ValueError(
             f"{config.data.manifest}: adapt.domain={adapt.domain} / adapt.selection={adapt.selection} need unlabelled "
             "target scans: rows with a site and no label, or data.target_manifest"
@@ -194,7 +199,7 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
             raise ValueError(f"{data.manifest}: the '{name}' split is empty")
     parts = _readable({**{k: v for k, v in parts.items() if v}, "target": targets}, skip=data.skip_unreadable, run_dir=run_dir)
     targets = parts.pop("target", [])
-    if not targets and (config.adapt.domain != "none" or config.adapt.selection != "source_val"):
+    if not targets and _needs_targets(config.adapt):
         raise ValueError("none of the unlabelled target scans can be read")
 
     mcfg = config.model

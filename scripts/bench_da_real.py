@@ -157,8 +157,7 @@ def run(method: str, seed: int, manifests: dict[str, Path], source_bundle: Path,
     outcome = train(config, out, num_workers=0)
     result = {"method": method, "seed": seed, "train_seconds": round(time.perf_counter() - started, 1)}
     for test in ("test_shifted", "test_clean"):
-        labels, scores = transfer_study.scores_on_test(outcome.bundle, manifests[test])
-        _, calibrated = transfer_study.scores_on_test(outcome.bundle, manifests[test], calibrated=True)
+        labels, scores, calibrated = transfer_study.scores_on_test(outcome.bundle, manifests[test])
         auc = roc_auc(labels, scores)
         result[test] = {"auroc": auc.auc, "lo": auc.ci[0], "hi": auc.ci[1], "labels": labels, "scores": scores,
                         "ece": expected_calibration_error(np.array(labels), np.array(calibrated))}

@@ -131,9 +131,9 @@ def pretrain_source(args: argparse.Namespace) -> tuple[Path, str]:
     return out / "bundle", summary
 
 
-def scores_on_test(bundle: Path, manifest: Path, *, calibrated: bool = False) -> tuple[list[int], list[float]]:
-    """The model's positive-class probability for each test row, from the saved bundle: softmax
-    before calibration (the scores its AUROC is computed on), or with ``calibrated`` after the
+def scores_on_test(bundle: Path, manifest: Path) -> tuple[list[int], list[float], list[float]]:
+    """Labels and the model's positive-class probability for each test row, from the saved bundle,
+    from one pass: softmax before calibration (the scores its AUROC is computed on) and after the
     bundle's stored calibration."""
     rows = [r for r in data.read_rows(manifest) if r["split"] == "test"]
     predictor = bundles.load(bundle)
@@ -144,8 +144,8 @@ def scores_on_test(bundle: Path, manifest: Path, *, calibrated: bool = False) ->
     logits = torch.as_tensor(np.stack([r.logits for r in results]), dtype=torch.float64)
     positive = predictor.positive_index
     labels = [int(r["label"] == predictor.classes[positive]) for r in rows]
-    probs = predictor.calibrate(logits.numpy()) if calibrated else torch.softmax(logits, dim=1).numpy()
-    return labels, probs[:, positive].tolist()
+    calibrated = predictor.calibrate(logits.numpy())[:, positive]
+    return labels, torch.softmax(logits, dim=1)[:, positive].tolist(), calibrated.tolist()
 
 
 def run_cell(task: Task, method: Method, fraction: float, seed: int, manifest: Path, n_train: int, args, weights: dict) -> dict:
@@ -158,7 +158,7 @@ def run_cell(task: Task, method: Method, fraction: float, seed: int, manifest: P
     result = run_training(method.config, overrides, out)
     scores_file = out / "test_scores.json"
     if not scores_file.is_file():
-        labels, scores = scores_on_test(out / "bundle", manifest)
+        labels, scores, _ = scores_on_test(out / "bundle", manifest)
         scores_file.write_text(json.dumps({"labels": labels, "scores": scores}))
     m, t = result["metrics"], result["training"]
     auc = m["uncalibrated"]["auroc"]  # discrimination of the model itself; Platt scaling keeps the ranking

@@ -80,33 +80,24 @@ def build_backbone(spec: BackboneSpec, in_channels: int) -> nn.Module:
                 stage[0].conv1.stride, stage[0].conv2.stride = (2, 2), (1, 1)
         if in_channels != 3:
             _set_module(net, spec.stem, _conv_with_inputs(net.get_submodule(spec.stem), in_channels))
-    elif spec.family == "monai_resnet":
+    elif spec.family in ("monai_resnet", "monai_resnet_proj"):
         from monai.networks import nets
         from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
 
-        # MedicalNet's layout: 7^3 stem with stride 2, and the shortcut type its weights were trained with.
-        bias_downsample, shortcut = get_medicalnet_pretrained_resnet_args(int(spec.name.removeprefix("resnet")))
-        net = getattr(nets, spec.name)(
+        # MedicalNet's layout: 7^3 stem with stride 2, and the shortcut type its weights were trained
+        # with; the _proj entries take torchvision's 1x1 projection shortcuts without bias instead, so
+        # every tensor of a 2D ImageNet ResNet (or a 2D medtl bundle) has a 3D home and inflates.
+        name = torchvision_name(spec.name)
+        bias_downsample, shortcut = (
+            get_medicalnet_pretrained_resnet_args(int(name.removeprefix("resnet"))) if spec.family == "monai_resnet" else (False, "B")
+        )
+        net = getattr(nets, name)(
             spatial_dims=3,
             n_input_channels=in_channels,
             conv1_t_size=7,
             conv1_t_stride=2,
             shortcut_type=shortcut,
             bias_downsample=bias_downsample,
-            feed_forward=False,
-        )
-    elif spec.family == "monai_resnet_proj":
-        from monai.networks import nets
-
-        # torchvision's ResNet in 3D: 1x1 projection shortcuts without bias, so every tensor of a
-        # 2D ImageNet ResNet (or a 2D medtl bundle) has a 3D home and inflates.
-        net = getattr(nets, torchvision_name(spec.name))(
-            spatial_dims=3,
-            n_input_channels=in_channels,
-            conv1_t_size=7,
-            conv1_t_stride=2,
-            shortcut_type="B",
-            bias_downsample=False,
             feed_forward=False,
         )
     elif spec.family == "monai_densenet":
