@@ -37,6 +37,11 @@ class ScanRecord:
     row: int = 0
     extra: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def patient(self) -> str:
+        """The patient this scan belongs to: ``patient_id``, else the scan itself."""
+        return self.patient_id or str(self.image)
+
 
 def _cell(row: dict, key: str) -> str | None:
     value = (row.get(key) or "").strip()
@@ -105,7 +110,7 @@ def assign_splits(records: Sequence[ScanRecord], *, val_fraction: float = 0.2, s
     fixed = {r.patient_id: r.split for r in records if r.split is not None and r.patient_id}
     patients: dict[str, list[ScanRecord]] = defaultdict(list)
     for r in todo:
-        patients[r.patient_id or str(r.image)].append(r)
+        patients[r.patient].append(r)
     strata: dict[tuple, list[str]] = defaultdict(list)
     chosen: dict[str, str] = {}
     for pid, rows in patients.items():
@@ -124,4 +129,4 @@ def assign_splits(records: Sequence[ScanRecord], *, val_fraction: float = 0.2, s
             n_val = min(max(n_val, 1), len(pids) - 1)
         for rank, index in enumerate(order):
             chosen[pids[index]] = "val" if rank < n_val else "train"
-    return [replace(r, split=chosen[r.patient_id or str(r.image)]) if r.split is None and r.label else r for r in records]
+    return [replace(r, split=chosen[r.patient]) if r.split is None and r.label else r for r in records]
