@@ -111,6 +111,12 @@ class TrainConfig(_Section):
         False, description="Under torchrun, BatchNorm statistics over the whole batch of all GPUs (SyncBatchNorm); default per GPU."
     )
     checkpoint_every: int = Field(1, ge=1, description="Write RUN_DIR/checkpoint.pt every this many epochs (and at the end).")
+    folds: int | None = Field(
+        None, ge=1, description="K-fold cross-validation ensemble (patient-level, stratified, over the train and val rows): "
+        "K members in one bundle, calibrator and threshold fitted on the pooled out-of-fold predictions; "
+        "1 = one model on the validation split; default: recipe: auto decides (5 for up to 10,000 labelled scans)."
+    )
+    seeds: int = Field(1, ge=1, description="Seed ensemble on the fixed validation split: members trained with seed, seed+1, ...")
 
 
 class CalibrationConfig(_Section):
@@ -144,6 +150,10 @@ class ReportConfig(_Section):
 
 
 class Config(_Section):
+    recipe: Literal["auto", "none"] = Field(
+        "auto", description="auto: training values left unset are chosen from a fingerprint of the data set by fixed "
+        "rules (docs/recipe.md; a value you set always wins); none: the schema defaults."
+    )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     adapt: AdaptConfig = AdaptConfig()

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Sequence
 from itertools import chain
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +20,23 @@ import numpy as np
 import torch
 import yaml
 from monai.utils import set_determinism
+from safetensors.torch import load_file, save_file
 
 from medtl import bundle as bundles
 from medtl.bundle.bundle import CONFIG_FILE as BUNDLE_CONFIG
-from medtl.backbones import check_batch, create, preprocessing_for
+from medtl.backbones import Ensemble, check_batch, create, get_spec, preprocessing_for
 from medtl.calibrate import make_calibrator
 from medtl.config import AdaptConfig, Config, dump_config, load_config
 from medtl.infer import ERROR_COLUMNS, iter_logits, write_table
 from medtl.io import ScanReadError, ScanRecord, assign_splits, read_manifest, unreadable_scans
 from medtl.metrics import OperatingPoint, choose_operating_point
+from medtl.recipe import fingerprint, resolve_recipe
 from medtl.report import write_report
 from medtl.train import (
     CHECKPOINT_FILE, FitResult, Trainer, class_weights, is_main, labelled_items, make_loader, micro_batch_size, resolve_classes,
     world_size,
 )
+from medtl.train import Member, cross_validation_members, seed_members
 from medtl.transforms import build_transforms, make_preprocessing
 from medtl.adapt import NORMALIZATION_METHODS, TRAINING_METHODS, adapt_normalization, extract_features, make_domain_loss, make_strategy, site_shift
 
@@ -65,13 +68,30 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities: the form an :class:`~medtl.backbones.Ensemble` outputs, so a calibrator
+    fitted on members' out-of-fold log-probabilities applies to the ensemble's output."""
+    return torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
+
+
+@torch.inference_mode()
+def _predict_logits(model: torch.nn.Module, loader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of every item in ``loader``, model in eval mode."""
+    model.eval()
+    logits, labels = [], []
+    for batch in loader:
+        logits.append(model(batch["image"].to(device)).float().cpu())
+        labels.append(torch.as_tensor(batch["label"]))
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
 def _partition_summary(parts: dict[str, list[ScanRecord]], classes: Sequence[str]) -> dict[str, Any]:
     """Counts and events per partition, and whether partitions share patients."""
     summary: dict[str, Any] = {}
     for name, records in parts.items():
         counts = {c: sum(r.label == c for r in records) for c in classes}
-        summary[name] = {"scans": len(records), "patients": len({r.patient_id or str(r.image) for r in records}), "per_class": counts}
-    patients = {name: {r.patient_id or str(r.image) for r in recs} for name, recs in parts.items()}
+        summary[name] = {"scans": len(records), "patients": len({r.patient for r in records}), "per_class": counts}
+    patients = {name: {r.patient for r in recs} for name, recs in parts.items()}
     names = list(patients)
     shared = {f"{a}/{b}": len(patients[a] & patients[b]) for i, a in enumerate(names) for b in names[i + 1 :]}
     summary["patients_shared_between_partitions"] = shared
@@ -146,13 +166,17 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _check_resumable(run_dir: Path) -> None:
+    """A run can resume from its checkpoint, or (an ensemble) from its members' folder."""
+    if not (run_dir / CHECKPOINT_FILE).is_file() and not (run_dir / "members").is_dir():
+        raise FileNotFoundError(f"cannot resume: {run_dir / CHECKPOINT_FILE} does not exist (nor {run_dir / 'members'})")
+
+
 def _start_run(run_dir: Path, config: Config, resume: bool) -> None:
     """Record the resolved config and package versions in the run folder (rank 0 writes).  A
     resumed run must have the config it started with (exact resume depends on it)."""
     text = dump_config(config)
     if resume:
-        if not (run_dir / CHECKPOINT_FILE).is_file():
-            raise FileNotFoundError(f"cannot resume: {run_dir / CHECKPOINT_FILE} does not exist")
         stored, now = _flat(yaml.safe_load((run_dir / "config.yaml").read_text())), _flat(config.model_dump(mode="json"))
         changed = sorted(k for k in stored.keys() | now.keys() if stored.get(k) != now.get(k))
         if changed:
@@ -163,10 +187,137 @@ def _start_run(run_dir: Path, config: Config, resume: bool) -> None:
         (run_dir / "versions.json").write_text(json.dumps(bundles.package_versions(), indent=2))
 
 
-def _site_shift(before: np.ndarray, trainer: Trainer, loaders: Sequence, sites: Sequence[str], config: Config) -> dict:
+def _configure(config: Config, labelled: Sequence[ScanRecord]) -> tuple[Config, dict[str, Any] | None]:
+    """``recipe: auto``: fingerprint the labelled scans and fill every training value left unset;
+    each choice is logged with its reason.  Returns the resolved config and the record of it."""
+    if config.recipe == "none":
+        return config, None
+    fp = fingerprint(labelled, seed=config.train.seed)
+    resolved, choices = resolve_recipe(config, fp)
+    if is_main():
+        log.info("dataset fingerprint: %d scans, %d patients, classes %s, %dD, median size %s, %d channel(s)%s, modality %s",
+                 fp.scans, fp.patients, fp.per_class, fp.spatial_dims, fp.median_size, fp.channels,
+                 " (colour)" if fp.colour else "", fp.modality)
+        for choice in choices:
+            log.info("recipe: %s = %s (%s)", choice.key, choice.value, choice.reason)
+    return resolved, {"fingerprint": fp.to_dict(), "choices": [c.to_dict() for c in choices]}
+
+
+def _members(parts: dict[str, list[ScanRecord]], tcfg) -> list[Member]:
+    """The models to train: one on the train/val split, ``train.seeds`` on it, or ``train.folds``
+    cross-validation folds over the train and val rows together."""
+    folds = tcfg.folds or 1
+    if folds > 1 and tcfg.seeds > 1:
+        raise ValueError(f"train.folds={folds} and train.seeds={tcfg.seeds}: choose a cross-validation or a seed ensemble")
+    if folds > 1:
+        return cross_validation_members(parts["train"] + parts["val"], folds, tcfg.seed)
+    return seed_members(parts["train"], parts["val"], tcfg.seeds, tcfg.seed)
+
+
+@dataclass
+class _Fitted:
+    """A trained member: its model, fit history, and its validation part's logits and labels
+    (out-of-fold for cross-validation members)."""
+
+    member: Member
+    model: torch.nn.Module
+    fit: FitResult
+    val_logits: np.ndarray | None
+    val_labels: np.ndarray | None
+
+
+class _Run:
+    """What every member of one training run shares: classes, preprocessing, loader settings,
+    target scans and the run folder."""
+
+    def __init__(self, config: Config, run_dir: Path, classes: list[str], targets: list[ScanRecord], workers: int,
+                 resume: bool) -> None:
+        self.config, self.run_dir, self.classes, self.targets, self.resume = config, run_dir, classes, targets, resume
+        data, mcfg, tcfg = config.data, config.model, config.train
+        spec = get_spec(mcfg.backbone, data.spatial_dims)
+        self.pre = make_preprocessing(
+            spatial_dims=data.spatial_dims,
+            image_size=data.image_size or spec.default_input_size,
+            channels=mcfg.in_channels,
+            intensity=data.intensity,
+            ct_window=data.ct_window,
+            normalization=preprocessing_for(mcfg.backbone, mcfg.weights, in_channels=mcfg.in_channels),
+            target_spacing=data.target_spacing,
+            fit=data.fit,
+        )
+        batch_size = micro_batch_size(tcfg.batch_size, tcfg.accumulate, world_size())
+        self.loader_args = dict(batch_size=batch_size, num_workers=workers, cache=data.cache, cache_dir=data.cache_dir, recipe=self.pre)
+        self.eval_transform = build_transforms(self.pre, train=False)
+        self.train_transform = build_transforms(self.pre, train=data.augment)
+        target_items = [{"image": str(r.image), "label": -1} for r in targets]
+        self.target_items = target_items
+        self.target_eval = self.loader(target_items, train=False) if targets else None
+
+    def loader(self, items: list[dict], *, train: bool, seed: int | None = None):
+        transform = self.train_transform if train else self.eval_transform
+        return make_loader(items, transform, shuffle=train, seed=self.config.train.seed if seed is None else seed, **self.loader_args)
+
+    def model(self) -> torch.nn.Module:
+        mcfg, data = self.config.model, self.config.data
+        return create(mcfg.backbone, weights=mcfg.weights, in_channels=mcfg.in_channels, spatial_dims=data.spatial_dims,
+                      num_classes=len(self.classes), allow_mismatch=mcfg.allow_mismatch)
+
+    def fit(self, member: Member, folder: Path, *, keep: bool = False) -> _Fitted:
+        """Train one member (or, resuming, read it back when it finished before); ``keep``: save the
+        finished member in ``folder`` so that a resumed run skips it."""
+        config, acfg = self.config, self.config.adapt
+        tcfg = config.train.model_copy(update={"seed": member.seed})
+        set_determinism(seed=member.seed)
+        model = self.model()
+        val_loader = self.loader(labelled_items(member.val, self.classes), train=False)
+        done = folder / "member.json"
+        if self.resume and done.is_file() and (folder / "model.safetensors").is_file():
+            model.load_state_dict(load_file(str(folder / "model.safetensors")))
+            stored = json.loads(done.read_text())
+            fit = FitResult(**stored["fit"])
+            trainer = Trainer(model, make_strategy(acfg), tcfg)
+            logits, labels = trainer.predict_logits(val_loader) if is_main() else (None, None)
+            log.info("member %s: finished before, read back from %s", member.name, folder)
+            return _Fitted(member, trainer.model, fit, logits, labels)
+        folder.mkdir(parents=True, exist_ok=True)
+        train_items = labelled_items(member.train, self.classes)
+        train_loader = self.loader(train_items, train=True, seed=member.seed)
+        target_train = self.loader(self.target_items, train=True, seed=member.seed) if acfg.domain in TRAINING_METHODS else None
+        warning = check_batch(next(iter(val_loader))["image"], self.pre["normalization"])
+        if warning:
+            log.warning("%s", warning)
+        weights = class_weights(train_items, len(self.classes)) if tcfg.class_weighted else None
+        domain = make_domain_loss(acfg.domain, model.feature_dim, len(self.classes), weight=acfg.domain_weight,
+                                  entropy_conditioning=acfg.cdan_entropy)
+        trainer = Trainer(model, make_strategy(acfg), tcfg, class_weights=weights, domain=domain, selection=acfg.selection)
+        fit = trainer.fit(train_loader, val_loader, target_loader=target_train, target_eval_loader=self.target_eval,
+                          log_path=folder / "train_log.csv", checkpoint=folder / CHECKPOINT_FILE, resume=self.resume and (folder / CHECKPOINT_FILE).is_file())
+        if not is_main():
+            return _Fitted(member, trainer.model, fit, None, None)
+        if keep:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}, str(folder / "model.safetensors"))
+            done.write_text(json.dumps({"name": member.name, "seed": member.seed, "fit": asdict(fit)}))
+        logits, labels = trainer.predict_logits(val_loader)
+        return _Fitted(member, trainer.model, fit, logits, labels)
+
+
+def _member_summary(fitted: Sequence[_Fitted]) -> dict[str, Any]:
+    """Per-member validation AUROC and its spread (the report's ensemble section)."""
+    aurocs = [f.fit.best_auroc for f in fitted]
+    return {
+        "members": [{"name": f.member.name, "seed": f.member.seed, "train_scans": len(f.member.train), "val_scans": len(f.member.val),
+                     "best_epoch": f.fit.best_epoch, "epochs_run": len(f.fit.history), "val_auroc": round(f.fit.best_auroc, 4)}
+                    for f in fitted],
+        "val_auroc_mean": round(float(np.mean(aurocs)), 4),
+        "val_auroc_sd": round(float(np.std(aurocs, ddof=1)), 4) if len(aurocs) > 1 else 0.0,
+        "val_auroc_range": [round(float(min(aurocs)), 4), round(float(max(aurocs)), 4)],
+    }
+
+
+def _site_shift(before: np.ndarray, model: torch.nn.Module, device, loaders: Sequence, sites: Sequence[str], config: Config) -> dict:
     """Proxy A-distances and 2D embeddings of the evaluated (and target) scans' features, with the
     initial backbone and with the trained model."""
-    after = extract_features(trainer.model, chain(*loaders), trainer.device)
+    after = extract_features(model, chain(*loaders), device)
     adapt = config.adapt.strategy + ("" if config.adapt.domain == "none" else f" + {config.adapt.domain}")
     return {
         "before": {**site_shift(before, sites, seed=config.train.seed), "label": f"initial backbone ({config.model.weights})"},
@@ -177,19 +328,22 @@ def _site_shift(before: np.ndarray, trainer: Trainer, loaders: Sequence, sites: 
 def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None, resume: bool = False) -> TrainOutcome | None:
     """Train, calibrate and bundle a classifier as ``config`` says; write the report.
 
-    ``resume``: continue the interrupted run in ``out_dir`` from its ``checkpoint.pt``.  Under
-    torchrun every rank trains; rank 0 alone calibrates and writes bundle and report (the other
-    ranks return None)."""
+    With ``recipe: auto`` the training values left unset are first chosen from a fingerprint of
+    the data (:mod:`medtl.recipe`).  ``train.folds`` > 1 trains a cross-validation ensemble and
+    ``train.seeds`` > 1 a seed ensemble: one bundle holding every member, calibrated on their
+    pooled out-of-fold (or validation) predictions.  ``resume``: continue the interrupted run in
+    ``out_dir`` (finished members are read back).  Under torchrun every rank trains; rank 0 alone
+    calibrates and writes bundle and report (the other ranks return None)."""
     run_dir = Path(out_dir)
-    _start_run(run_dir, config, resume)
-    data, tcfg = config.data, config.train
-    if data.manifest is None:
+    if resume:
+        _check_resumable(run_dir)
+    if config.data.manifest is None:
         raise ValueError("data.manifest is not set (give it in the config or with --set data.manifest=PATH)")
-    set_determinism(seed=tcfg.seed)
     started = time.perf_counter()
-
-    records = assign_splits(read_manifest(data.manifest), val_fraction=data.val_fraction, seed=tcfg.seed)
+    records = assign_splits(read_manifest(config.data.manifest), val_fraction=config.data.val_fraction, seed=config.train.seed)
     labelled = [r for r in records if r.label]
+    config, recipe = _configure(config, [r for r in labelled if r.split != "test"])
+    data, tcfg, acfg = config.data, config.train, config.adapt
     targets = _target_records(records, config)
     classes = resolve_classes(labelled, data.classes)
     positive = _positive_index(classes, data.positive_class)
@@ -197,90 +351,84 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
     for name in ("train", "val"):
         if not parts[name]:
             raise ValueError(f"{data.manifest}: the '{name}' split is empty")
+    members = _members(parts, tcfg)
+    ensemble = len(members) > 1
+    _start_run(run_dir, config, resume)
+    if recipe is not None and is_main():
+        (run_dir / "recipe.json").write_text(json.dumps(recipe, indent=2))
     parts = _readable({**{k: v for k, v in parts.items() if v}, "target": targets}, skip=data.skip_unreadable, run_dir=run_dir)
     targets = parts.pop("target", [])
-    if not targets and _needs_targets(config.adapt):
+    if not targets and _needs_targets(acfg):
         raise ValueError("none of the unlabelled target scans can be read")
+    readable = {str(r.image) for recs in parts.values() for r in recs}
+    members = [replace(m, train=[r for r in m.train if str(r.image) in readable], val=[r for r in m.val if str(r.image) in readable])
+               for m in members]
 
-    mcfg = config.model
-    model = create(
-        mcfg.backbone,
-        weights=mcfg.weights,
-        in_channels=mcfg.in_channels,
-        spatial_dims=data.spatial_dims,
-        num_classes=len(classes),
-        allow_mismatch=mcfg.allow_mismatch,
-    )
-    pre = make_preprocessing(
-        spatial_dims=data.spatial_dims,
-        image_size=data.image_size or model.spec.default_input_size,
-        channels=mcfg.in_channels,
-        intensity=data.intensity,
-        ct_window=data.ct_window,
-        normalization=preprocessing_for(mcfg.backbone, mcfg.weights, in_channels=mcfg.in_channels),
-        target_spacing=data.target_spacing,
-        fit=data.fit,
-    )
     workers = data.num_workers if num_workers is None else num_workers
-    items = {name: labelled_items(recs, classes) for name, recs in parts.items()}
-    batch_size = micro_batch_size(tcfg.batch_size, tcfg.accumulate, world_size())
-    loader_args = dict(batch_size=batch_size, num_workers=workers, cache=data.cache, cache_dir=data.cache_dir, recipe=pre, seed=tcfg.seed)
-    train_loader = make_loader(items["train"], build_transforms(pre, train=data.augment), shuffle=True, **loader_args)
-    eval_transform = build_transforms(pre, train=False)
-    eval_loaders = {name: make_loader(items[name], eval_transform, shuffle=False, **loader_args) for name in parts if name != "train"}
-
-    acfg = config.adapt
+    run = _Run(config, run_dir, classes, targets, workers, resume)
     if acfg.domain in ("dann", "cdan") and acfg.selection == "source_val" and is_main():
         log.warning("adapt.domain=%s with source-validation model selection: adversarial alignment can scramble the "
                     "target site's classes while source validation stays high (docs/benchmarks.md, Domain adaptation); "
                     "check the bundle on a few labelled target scans with medtl evaluate, or try adapt.domain=adabn",
                     acfg.domain)
-    target_items = [{"image": str(r.image), "label": -1} for r in targets]
-    target_eval = make_loader(target_items, eval_transform, shuffle=False, **loader_args) if targets else None
-    target_train = None
-    if acfg.domain in TRAINING_METHODS:
-        target_train = make_loader(target_items, build_transforms(pre, train=data.augment), shuffle=True, **loader_args)
+    report_records = parts["test"] if "test" in parts else [r for m in members for r in m.val] if ensemble and (tcfg.folds or 1) > 1 else parts["val"]
+    report_loader = run.loader(labelled_items(report_records, classes), train=False) if "test" in parts else None
+    shift_sites = [r.site or "source" for r in report_records] + [r.site for r in targets]  # labelled = source
+    shift_loaders = [run.loader(labelled_items(report_records, classes), train=False)] + ([run.target_eval] if run.target_eval else [])
+    before = None
+    if is_main() and len(set(shift_sites)) > 1:
+        set_determinism(seed=tcfg.seed)
+        before = extract_features(run.model(), chain(*shift_loaders))
 
-    report_split = "test" if "test" in eval_loaders else "val"
-    shift_loaders = [eval_loaders[report_split]] + ([target_eval] if target_eval is not None else [])
-    shift_sites = [r.site or "source" for r in parts[report_split]] + [r.site for r in targets]  # labelled = source
-    diagnose_shift = is_main() and len(set(shift_sites)) > 1
-    if diagnose_shift:
-        before = extract_features(model, chain(*shift_loaders))
-
-    warning = check_batch(next(iter(eval_loaders["val"]))["image"], pre["normalization"])
-    if warning:
-        log.warning("%s", warning)
-    weights = class_weights(items["train"], len(classes)) if tcfg.class_weighted else None
-    domain = make_domain_loss(acfg.domain, model.feature_dim, len(classes), weight=acfg.domain_weight, entropy_conditioning=acfg.cdan_entropy)
-    trainer = Trainer(model, make_strategy(acfg), tcfg, class_weights=weights, domain=domain, selection=acfg.selection)
-    fit = trainer.fit(
-        train_loader, eval_loaders["val"], target_loader=target_train, target_eval_loader=target_eval, log_path=run_dir / "train_log.csv",
-        checkpoint=run_dir / CHECKPOINT_FILE, resume=resume,
-    )
+    fitted = []
+    for i, member in enumerate(members):
+        if ensemble and is_main():
+            log.info("member %d of %d (%s): %d training, %d validation scans", i + 1, len(members), member.name,
+                     len(member.train), len(member.val))
+        folder = run_dir / "members" / member.name if ensemble else run_dir
+        fitted.append(run.fit(member, folder, keep=ensemble))
     if not is_main():
         return None
-    # Calibration, threshold and the report's figures come from the labelled source scans through the
-    # model as trained.  AdaBN/TENT run after them: they re-normalise with the target site's
-    # statistics so that target features look like source features did, which is what lets the
-    # source-fitted calibrator hold at the target (fitting it on source scans pushed through target
-    # statistics gave target ECE 0.30-0.45 instead of 0.06-0.07 in docs/benchmarks.md).
-    val_logits, val_labels = trainer.predict_logits(eval_loaders["val"])
-    calibrator = make_calibrator(config.calibration.method, len(classes)).fit(val_logits, val_labels)
+    return _finish(run, fitted, parts, positive, recipe, started, before, shift_loaders, shift_sites, report_records, report_loader)
+
+
+def _finish(run: _Run, fitted: list[_Fitted], parts, positive, recipe, started, before, shift_loaders, shift_sites,
+            report_records, report_loader) -> TrainOutcome:
+    """Calibrate, choose the threshold, adapt normalisation, save the bundle and write the report."""
+    config, classes, run_dir = run.config, run.classes, run.run_dir
+    data, mcfg, tcfg, acfg = config.data, config.model, config.train, config.adapt
+    ensemble = len(fitted) > 1
+    folds = ensemble and (tcfg.folds or 1) > 1
+    model = Ensemble([f.model for f in fitted]) if ensemble else fitted[0].model
+    device = next(model.parameters()).device
+    # Calibration and threshold are fitted on scans no member trained on: the pooled out-of-fold
+    # predictions (cross-validation), else the validation split through the whole model.
+    if folds:
+        cal_logits = np.concatenate([_log_softmax(f.val_logits) for f in fitted])
+        cal_labels = np.concatenate([f.val_labels for f in fitted])
+    elif ensemble:
+        cal_logits = np.log(np.mean([_softmax(f.val_logits) for f in fitted], axis=0))
+        cal_labels = fitted[0].val_labels
+    else:
+        cal_logits, cal_labels = fitted[0].val_logits, fitted[0].val_labels
+    calibrator = make_calibrator(config.calibration.method, len(classes)).fit(cal_logits, cal_labels)
     operating_point: OperatingPoint | None = None
     if positive is not None:
         opcfg = config.operating_point
-        scores = calibrator.transform(val_logits)[:, positive]
-        operating_point = choose_operating_point((val_labels == positive).astype(int), scores, opcfg.method, opcfg.target)
+        scores = calibrator.transform(cal_logits)[:, positive]
+        operating_point = choose_operating_point((cal_labels == positive).astype(int), scores, opcfg.method, opcfg.target)
 
-    if report_split == "val":
-        logits, labels = val_logits, val_labels
-        evaluation = "internal validation split (also used for model selection, calibration and the threshold: optimistic)"
-    else:
-        logits, labels = trainer.predict_logits(eval_loaders["test"])
+    if report_loader is not None:
+        logits, labels = _predict_logits(model, report_loader, device)
         evaluation = "held-out test split of the training manifest (internal)"
-    if target_eval is not None and acfg.domain in NORMALIZATION_METHODS:
-        adapt_normalization(trainer.model, acfg.domain, target_eval, tent_lr=acfg.tent_lr, tent_steps=acfg.tent_steps, device=trainer.device)
+    else:
+        logits, labels = cal_logits, cal_labels
+        evaluation = (f"pooled out-of-fold predictions of the {len(fitted)} cross-validation members (each scan scored by the "
+                      "member that did not train on it; the calibrator and threshold were fitted on these predictions too, "
+                      "so the calibration figures are optimistic)" if folds else
+                      "internal validation split (also used for model selection, calibration and the threshold: optimistic)")
+    if run.target_eval is not None and acfg.domain in NORMALIZATION_METHODS:
+        adapt_normalization(model, acfg.domain, run.target_eval, tent_lr=acfg.tent_lr, tent_steps=acfg.tent_steps, device=device)
         evaluation += (f"; figures of the model before its {acfg.domain} step, which re-normalises with the target scans' "
                        "statistics: the bundle holds the adapted model, for the target site (check it there with medtl evaluate)")
 
@@ -290,44 +438,53 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         "spatial_dims": data.spatial_dims,
         "num_classes": len(classes),
         "weights": mcfg.weights,
+        **({"members": len(fitted)} if ensemble else {}),
     }
     partitions = _partition_summary(parts, classes)
+    first = fitted[0].fit
     training = {
-        "best_epoch": fit.best_epoch,
-        "best_val_auroc": fit.best_auroc,
-        "epochs_run": len(fit.history),
-        "selection": fit.selection,
-        "adaptation": {"strategy": acfg.strategy, "domain": acfg.domain, "target_scans": len(targets)},
+        "best_epoch": first.best_epoch,
+        "best_val_auroc": first.best_auroc,
+        "epochs_run": len(first.history),
+        "selection": first.selection,
+        "adaptation": {"strategy": acfg.strategy, "domain": acfg.domain, "target_scans": len(run.targets)},
         "seconds": round(time.perf_counter() - started, 1),
         "partitions": partitions,
+        **({"ensemble": {"kind": f"{len(fitted)}-fold cross-validation" if folds else f"{len(fitted)} seeds",
+                         **_member_summary(fitted)}} if ensemble else {}),
+        **({"recipe": recipe} if recipe is not None else {}),
     }
     bundle_dir = bundles.save(
         run_dir / "bundle",
-        trainer.model,
+        model,
         model_spec=model_spec,
         classes=classes,
         positive_index=positive,
-        preprocessing=pre,
+        preprocessing=run.pre,
         calibrator=calibrator,
         operating_point=operating_point,
         config_yaml=dump_config(config),
         training=training,
     )
-
+    calibration_data = (f"the pooled out-of-fold predictions ({len(cal_labels)} scans)" if folds
+                        else f"the validation split ({len(cal_labels)} scans)")
     info = {
-        "title": f"medtl training report: {mcfg.backbone}",
+        "title": f"medtl training report: {mcfg.backbone}" + (f" ({training['ensemble']['kind']} ensemble)" if ensemble else ""),
         "evaluated_on": evaluation,
         "software": bundles.package_versions(),
         "seed": tcfg.seed,
         "initial_weights": mcfg.weights,
         "backbone": mcfg.backbone,
-        "transfer_method": config.adapt.strategy if acfg.domain == "none" else f"{acfg.strategy} + {acfg.domain} ({len(targets)} unlabelled target scans)",
+        "transfer_method": acfg.strategy if acfg.domain == "none" else f"{acfg.strategy} + {acfg.domain} ({len(run.targets)} unlabelled target scans)",
         "partitions": partitions,
-        "hyperparameters": config.train.model_dump(mode="json"),
-        "preprocessing": pre,
-        "model_selection": _selection_text(fit, tcfg.patience),
-        "recalibration": f"{calibrator.method} fitted on the validation split ({len(val_labels)} scans)",
+        "hyperparameters": tcfg.model_dump(mode="json"),
+        "preprocessing": run.pre,
+        "model_selection": _selection_text(first, tcfg.patience) if not ensemble else
+        f"each member: best epoch by its own validation part ({first.selection}); early stopping patience {tcfg.patience}",
+        "recalibration": f"{calibrator.method} fitted on {calibration_data}",
         "operating_point": operating_point.to_dict() if operating_point else "argmax (multi-class)",
+        **({"ensemble": training["ensemble"]} if ensemble else {}),
+        **({"recipe": recipe} if recipe is not None else {}),
     }
     metrics = write_report(
         run_dir / "report",
@@ -337,17 +494,18 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         class_names=classes,
         positive_index=positive,
         operating_point=operating_point,
-        groups=_groups(parts[report_split], config.report.subgroups),
+        groups=_groups(report_records, config.report.subgroups),
         info=info,
-        history=fit.history,
+        history=None if ensemble else first.history,
         title=info["title"],
         n_resamples=config.report.bootstrap,
         prevalence=config.report.prevalence,
         seed=tcfg.seed,
-        site_shift=_site_shift(before, trainer, shift_loaders, shift_sites, config) if diagnose_shift else None,
+        site_shift=_site_shift(before, model, device, shift_loaders, shift_sites, config) if before is not None else None,
     )
     return TrainOutcome(run_dir=run_dir, bundle=bundle_dir, report=run_dir / "report" / "report.html", metrics=metrics,
-                        training={**training, "evaluated_on": report_split, "calibration": calibrator.method})
+                        training={**training, "evaluated_on": "test" if report_loader is not None else "out-of-fold" if folds else "val",
+                                  "calibration": calibrator.method})
 
 
 def evaluate(

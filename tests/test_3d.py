@@ -67,7 +67,7 @@ def _train_evaluate_predict(tmp_path: Path, data: Path, *, epochs: int = 2, size
         f"data:\n  manifest: {data / 'manifest.csv'}\n  spatial_dims: 3\n  image_size: [{size}, {size}, {size}]\n"
         f"  num_workers: 0\n  augment: false\n{extra}"
         "model:\n  backbone: resnet10\n  weights: none\n"
-        f"train:\n  epochs: {epochs}\n  batch_size: 8\n  lr: 0.001\n  head_lr: 0.001\n  device: cpu\n"
+        f"train:\n  epochs: {epochs}\n  batch_size: 8\n  lr: 0.001\n  head_lr: 0.001\n  device: cpu\n  folds: 1\n"
     )
     run = tmp_path / "run"
     assert main(["train", str(config), "--out", str(run)]) == 0

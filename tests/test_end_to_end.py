@@ -18,7 +18,7 @@ def test_cli_synth_train_evaluate_predict(tmp_path):
     config.write_text(
         "data:\n  manifest: data/manifest.csv\n  image_size: [48, 48]\n  num_workers: 0\n"
         "model:\n  backbone: resnet18\n  weights: none\n"
-        "train:\n  epochs: 4\n  batch_size: 32\n  lr: 0.001\n  head_lr: 0.001\n"
+        "train:\n  epochs: 4\n  batch_size: 32\n  lr: 0.001\n  head_lr: 0.001\n  folds: 1\n"
     )
     run = tmp_path / "run"
     assert main(["train", str(config), "--out", str(run), "--set", "train.seed=1"]) == 0

@@ -35,7 +35,7 @@ def test_pneumoniamnist_trains_to_high_validation_auroc(tmp_path):
     config.write_text(
         "data:\n  manifest: manifest.csv\n  image_size: [48, 48]\n  num_workers: 0\n"
         "model:\n  backbone: resnet18\n  weights: none\n"
-        "train:\n  epochs: 5\n  batch_size: 64\n  lr: 0.001\n  head_lr: 0.001\n"
+        "train:\n  epochs: 5\n  batch_size: 64\n  lr: 0.001\n  head_lr: 0.001\n  folds: 1\n"
     )
     assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 0
     metrics = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())

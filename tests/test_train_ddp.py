@@ -18,7 +18,7 @@ CONFIG = (
     "model:\n  backbone: resnet18\n  weights: none\n"
     # BatchNorm on running statistics: 2 ranks x 8 images then see exactly what 1 x 16 sees
     "adapt:\n  bn: frozen_stats\n"
-    "train:\n  epochs: 2\n  batch_size: 16\n  lr: 0.0003\n  head_lr: 0.0003\n  patience: 5\n"
+    "train:\n  epochs: 2\n  batch_size: 16\n  lr: 0.0003\n  head_lr: 0.0003\n  patience: 5\n  folds: 1\n"
     "report:\n  bootstrap: 100\n"
 )
 

@@ -25,7 +25,7 @@ from medtl.train.precision import resolve_amp
 CONFIG = (
     "data:\n  manifest: small.csv\n  image_size: [32, 32]\n  num_workers: 0\n  augment: true\n"
     "model:\n  backbone: resnet18\n  weights: none\n"
-    "train:\n  epochs: 3\n  batch_size: 16\n  lr: 0.001\n  head_lr: 0.001\n  patience: 5\n"
+    "train:\n  epochs: 3\n  batch_size: 16\n  lr: 0.001\n  head_lr: 0.001\n  patience: 5\n  folds: 1\n"
     "report:\n  bootstrap: 100\n"
 )
 
@@ -89,14 +89,15 @@ def test_interrupted_then_resumed_run_is_bit_identical(small_data, monkeypatch, 
     assert _without_timing(straight / "train_log.csv") == _without_timing(resumed / "train_log.csv")
 
 
-def test_resume_refuses_another_config_or_a_missing_checkpoint(tmp_path):
+def test_resume_refuses_another_config_or_a_missing_checkpoint(tmp_path, small_data):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(dump_config(Config()))
+    config = Config.model_validate({"recipe": "none", "data": {"manifest": small_data / "small.csv"}})
+    (run / "config.yaml").write_text(dump_config(config))
     with pytest.raises(FileNotFoundError, match="checkpoint.pt does not exist"):
-        train(Config(), run, resume=True)
+        train(config, run, resume=True)
     (run / "checkpoint.pt").write_bytes(b"")
-    changed = Config.model_validate({"train": {"epochs": 20}})
+    changed = config.model_copy(update={"train": TrainConfig(epochs=20)})
     with pytest.raises(ValueError, match="differs from the run's config.yaml in train.epochs"):
         train(changed, run, resume=True)
 

@@ -15,7 +15,7 @@ from medtl.backbones.files import (
     weights_dir,
 )
 from medtl.backbones.inputs import check_batch, normalize
-from medtl.backbones.model import Classifier, create
+from medtl.backbones.model import Classifier, Ensemble, create
 from medtl.backbones.rank import BackboneScore, logme, parse_candidates, rank_backbones
 from medtl.backbones.registry import (
     REGISTRY_ENTRIES,
@@ -33,6 +33,7 @@ __all__ = [
     "BackboneSpec",
     "ChecksumError",
     "Classifier",
+    "Ensemble",
     "ExpectedFile",
     "LoadReport",
     "Preprocessing",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -46,6 +49,38 @@ class Classifier(nn.Module):
     def preprocessing(self) -> dict:
         """The input normalisation the loaded weights expect (see :func:`preprocessing_for`)."""
         return preprocessing_for(self.spec.name, self.weights, in_channels=self.in_channels)
+
+
+class Ensemble(nn.Module):
+    """Classifiers of one architecture (cross-validation folds or seeds) used as one model.
+
+    The output is ``log(mean_k softmax(member_k(x)))``: a logit vector whose softmax is the
+    members' mean class probability (the deep-ensemble average), so a calibrator, a threshold and
+    every consumer of logits treat the ensemble like a single :class:`Classifier`; a one-member
+    ensemble gives the member's own probabilities.  Features are the members' concatenated.
+    State-dict keys are ``members.<k>.backbone.*`` and ``members.<k>.head.*``.
+    """
+
+    def __init__(self, members: Sequence[Classifier]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        first = members[0]
+        self.spec, self.in_channels, self.weights = first.spec, first.in_channels, first.weights
+        self.feature_dim = first.feature_dim * len(members)
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Each member's logits, (K, B, num_classes)."""
+        return torch.stack([member(x).float() for member in self.members])
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' pooled features side by side, (B, K * feature_dim)."""
+        return torch.cat([member.forward_features(x) for member in self.members], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Log of the mean member probability, (B, num_classes)."""
+        return torch.logsumexp(self.member_logits(x).log_softmax(dim=2), dim=0) - math.log(len(self.members))
 
 
 def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:

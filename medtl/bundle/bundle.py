@@ -1,7 +1,8 @@
 """A bundle is a self-contained folder holding everything needed to run a trained model.
 
     bundle/
-      model.safetensors   weights of the whole classifier (``backbone.*``, ``head.*``)
+      model.safetensors   weights of the whole classifier (``backbone.*``, ``head.*``; an ensemble's
+                          ``members.<k>.backbone.*``, ``members.<k>.head.*``)
       bundle.json         model spec, classes, preprocessing recipe, calibrator, operating point,
                           package versions, training summary
       config.yaml         the resolved run configuration
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from medtl.backbones import create
+from medtl.backbones import Ensemble, create
 from medtl.bundle.runtime import CompiledOrEager, amp_dtype, uses_channels_last
 from medtl.calibrate import calibrator_from_dict
 from medtl.metrics import OperatingPoint
@@ -168,13 +169,12 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
     path = Path(path)
     meta = read_meta(path)
     spec = meta["model"]
-    model = create(
-        spec["backbone"],
-        weights="none",
-        in_channels=spec["in_channels"],
-        spatial_dims=spec["spatial_dims"],
-        num_classes=spec["num_classes"],
-    )
+    members = [
+        create(spec["backbone"], weights="none", in_channels=spec["in_channels"], spatial_dims=spec["spatial_dims"],
+               num_classes=spec["num_classes"])
+        for _ in range(spec.get("members", 1))
+    ]
+    model = Ensemble(members) if spec.get("members") else members[0]
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{path}: {WEIGHTS_FILE} not found")

@@ -54,7 +54,9 @@ class CamWriter:
         # and MONAI reshapes gradients with .view(), which channels-last tensors refuse.
         model = copy.deepcopy(predictor.model).to(memory_format=torch.contiguous_format).eval()
         model.requires_grad_(True)
-        self.cam = GradCAM(nn_module=model, target_layers=f"backbone.{spec.cam_layer}", postprocessing=_unit_range)
+        # An ensemble's map is the mean of its members' maps (each member scores the class itself).
+        members = getattr(model, "members", [model])
+        self.cams = [GradCAM(nn_module=m, target_layers=f"backbone.{spec.cam_layer}", postprocessing=_unit_range) for m in members]
         self.predictor = predictor
         self.out_dir = Path(out_dir)
 
@@ -73,7 +75,7 @@ class CamWriter:
             for target in np.unique(targets):  # MONAI scores one class index per call
                 rows = np.flatnonzero(targets == target)
                 x = images[torch.as_tensor(rows)].to(self.predictor.device)
-                maps[rows] = self.cam(x=x, class_idx=int(target))
+                maps[rows] = np.mean([cam(x=x, class_idx=int(target)) for cam in self.cams], axis=0)
         for name, image, heat in zip(names, images.cpu().numpy(), maps):
             target = self.path(name)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -318,6 +318,37 @@ def _checklist(s: Mapping) -> str:
     )
 
 
+def _recipe_section(s: Mapping) -> str:
+    """The dataset fingerprint and every training value with who chose it and why (``recipe: auto``)."""
+    recipe = s["info"].get("recipe")
+    if not recipe:
+        return ""
+    fp = recipe["fingerprint"]
+    facts = (f"{fp['scans']} labelled scans of {fp['patients']} patients; classes {fp['per_class']}; {fp['spatial_dims']}D, "
+             f"median size {fp['median_size']}, {fp['channels']} channel(s){' (colour)' if fp['colour'] else ''}, "
+             f"modality {fp['modality']}; {fp['sampled']} scans sampled for geometry and intensity.")
+    rows = [[_e(c["key"]), _e(c["value"]), _e("you" if c["source"] == "user" else "rule"), _e(c["reason"])] for c in recipe["choices"]]
+    return ("<h2>Recipe</h2>"
+            f"<p><b>Dataset fingerprint:</b> {_e(facts)}</p>"
+            '<p class="note">recipe: auto fills every training value the config leaves unset by fixed rules (docs/recipe.md); '
+            "a value set in the config always wins.</p>" + _table(["Setting", "Value", "Chosen by", "Why"], rows))
+
+
+def _ensemble_section(s: Mapping) -> str:
+    """Each ensemble member's data and validation AUROC, and their spread."""
+    ensemble = s["info"].get("ensemble")
+    if not ensemble:
+        return ""
+    rows = [[_e(m["name"]), _e(m["seed"]), _e(m["train_scans"]), _e(m["val_scans"]), _e(f"{m['best_epoch']} of {m['epochs_run']}"),
+             _e(_num(m["val_auroc"], 4))] for m in ensemble["members"]]
+    low, high = ensemble["val_auroc_range"]
+    return (f"<h2>Ensemble: {_e(ensemble['kind'])}</h2>"
+            f"<p>{len(rows)} members; the bundle averages their probabilities. Member validation AUROC "
+            f"{_e(_num(ensemble['val_auroc_mean'], 4))} &plusmn; {_e(_num(ensemble['val_auroc_sd'], 4))} (range "
+            f"{_e(_num(low, 4))}&ndash;{_e(_num(high, 4))}).</p>"
+            + _table(["Member", "Seed", "Training scans", "Validation scans", "Kept epoch", "Validation AUROC"], rows, numeric=(1, 2, 3, 5)))
+
+
 def render_page(summary: Mapping, images: Mapping[str, Path], *, title: str) -> str:
     """The whole report page for ``summary`` (from :func:`medtl.report.summarize`) and the PNG
     files ``images`` (from :func:`medtl.report.plots.draw_all`)."""
@@ -345,6 +376,7 @@ def render_page(summary: Mapping, images: Mapping[str, Path], *, title: str) -> 
     ]
     if "training" in images:
         body += ["<h2>Training</h2>", f'<div class="figs">{_figure(images, "training", "Loss and validation AUROC per epoch")}</div>']
+    body += [_ensemble_section(s), _recipe_section(s)]
     body += [
         _checklist(s),
         "<h2>All recorded run information</h2><details><summary>Show as JSON</summary>"
