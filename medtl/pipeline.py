@@ -371,14 +371,7 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
                     "target site's classes while source validation stays high (docs/benchmarks.md, Domain adaptation); "
                     "check the bundle on a few labelled target scans with medtl evaluate, or try adapt.domain=adabn",
                     acfg.domain)
-    report_records = parts["test"] if "test" in parts else [r for m in members for r in m.val] if ensemble and (tcfg.folds or 1) > 1 else parts["val"]
-    report_loader = run.loader(labelled_items(report_records, classes), train=False) if "test" in parts else None
-    shift_sites = [r.site or "source" for r in report_records] + [r.site for r in targets]  # labelled = source
-    shift_loaders = [run.loader(labelled_items(report_records, classes), train=False)] + ([run.target_eval] if run.target_eval else [])
-    before = None
-    if is_main() and len(set(shift_sites)) > 1:
-        set_determinism(seed=tcfg.seed)
-        before = extract_features(run.model(), chain(*shift_loaders))
+    plan = _report_plan(run, parts, members)
 
     fitted = []
     for i, member in enumerate(members):
@@ -389,11 +382,37 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         fitted.append(run.fit(member, folder, keep=ensemble))
     if not is_main():
         return None
-    return _finish(run, fitted, parts, positive, recipe, started, before, shift_loaders, shift_sites, report_records, report_loader)
+    return _finish(run, fitted, parts, positive, recipe, plan, started)
 
 
-def _finish(run: _Run, fitted: list[_Fitted], parts, positive, recipe, started, before, shift_loaders, shift_sites,
-            report_records, report_loader) -> TrainOutcome:
+@dataclass
+class _ReportPlan:
+    """What the training report is computed on: the manifest's test rows when it has them (scored
+    after training through ``loader``), else the calibration scans (out-of-fold or validation);
+    and the features of those scans (plus target scans) before training, for the site-shift section."""
+
+    records: list[ScanRecord]
+    loader: Any | None
+    shift_loaders: list
+    shift_sites: list[str]
+    before: np.ndarray | None
+
+
+def _report_plan(run: _Run, parts: dict[str, list[ScanRecord]], members: Sequence[Member]) -> _ReportPlan:
+    folds = len(members) > 1 and (run.config.train.folds or 1) > 1
+    records = parts["test"] if "test" in parts else [r for m in members for r in m.val] if folds else parts["val"]
+    loader = run.loader(labelled_items(records, run.classes), train=False)
+    sites = [r.site or "source" for r in records] + [r.site for r in run.targets]  # labelled = source
+    shift_loaders = [loader] + ([run.target_eval] if run.target_eval else [])
+    before = None
+    if is_main() and len(set(sites)) > 1:
+        set_determinism(seed=run.config.train.seed)
+        before = extract_features(run.model(), chain(*shift_loaders))
+    return _ReportPlan(records, loader if "test" in parts else None, shift_loaders, sites, before)
+
+
+def _finish(run: _Run, fitted: list[_Fitted], parts: dict[str, list[ScanRecord]], positive: int | None,
+            recipe: dict[str, Any] | None, plan: _ReportPlan, started: float) -> TrainOutcome:
     """Calibrate, choose the threshold, adapt normalisation, save the bundle and write the report."""
     config, classes, run_dir = run.config, run.classes, run.run_dir
     data, mcfg, tcfg, acfg = config.data, config.model, config.train, config.adapt
@@ -418,8 +437,8 @@ def _finish(run: _Run, fitted: list[_Fitted], parts, positive, recipe, started, 
         scores = calibrator.transform(cal_logits)[:, positive]
         operating_point = choose_operating_point((cal_labels == positive).astype(int), scores, opcfg.method, opcfg.target)
 
-    if report_loader is not None:
-        logits, labels = _predict_logits(model, report_loader, device)
+    if plan.loader is not None:
+        logits, labels = _predict_logits(model, plan.loader, device)
         evaluation = "held-out test split of the training manifest (internal)"
     else:
         logits, labels = cal_logits, cal_labels
@@ -494,17 +513,17 @@ def _finish(run: _Run, fitted: list[_Fitted], parts, positive, recipe, started, 
         class_names=classes,
         positive_index=positive,
         operating_point=operating_point,
-        groups=_groups(report_records, config.report.subgroups),
+        groups=_groups(plan.records, config.report.subgroups),
         info=info,
         history=None if ensemble else first.history,
         title=info["title"],
         n_resamples=config.report.bootstrap,
         prevalence=config.report.prevalence,
         seed=tcfg.seed,
-        site_shift=_site_shift(before, model, device, shift_loaders, shift_sites, config) if before is not None else None,
+        site_shift=_site_shift(plan.before, model, device, plan.shift_loaders, plan.shift_sites, config) if plan.before is not None else None,
     )
     return TrainOutcome(run_dir=run_dir, bundle=bundle_dir, report=run_dir / "report" / "report.html", metrics=metrics,
-                        training={**training, "evaluated_on": "test" if report_loader is not None else "out-of-fold" if folds else "val",
+                        training={**training, "evaluated_on": "test" if plan.loader is not None else "out-of-fold" if folds else "val",
                                   "calibration": calibrator.method})
 
 
