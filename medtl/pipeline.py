@@ -502,8 +502,7 @@ def _finish(run: _Run, fitted: list[_Fitted], parts: dict[str, list[ScanRecord]]
         f"each member: best epoch by its own validation part ({first.selection}); early stopping patience {tcfg.patience}",
         "recalibration": f"{calibrator.method} fitted on {calibration_data}",
         "operating_point": operating_point.to_dict() if operating_point else "argmax (multi-class)",
-        **({"ensemble": training["ensemble"]} if ensemble else {}),
-        **({"recipe": recipe} if recipe is not None else {}),
+        "training": training,
     }
     metrics = write_report(
         run_dir / "report",

@@ -284,7 +284,7 @@ def _checklist(s: Mapping) -> str:
     training = _lookup(info, ("training",))
     selection = _lookup(info, ("model_selection",))
     if isinstance(training, Mapping):
-        training = {k: v for k, v in training.items() if k != "partitions"}
+        training = {k: v for k, v in training.items() if k not in ("partitions", "recipe", "ensemble")}  # own sections
         if selection is None and training.get("best_epoch") is not None:
             selection = (f"epoch {training['best_epoch']} of {training.get('epochs_run', '?')}, "
                          f"highest validation AUROC ({_num(training.get('best_val_auroc'), 4)})")
@@ -320,7 +320,7 @@ def _checklist(s: Mapping) -> str:
 
 def _recipe_section(s: Mapping) -> str:
     """The dataset fingerprint and every training value with who chose it and why (``recipe: auto``)."""
-    recipe = s["info"].get("recipe")
+    recipe = _lookup(s["info"], ("training", "recipe"))
     if not recipe:
         return ""
     fp = recipe["fingerprint"]
@@ -336,7 +336,7 @@ def _recipe_section(s: Mapping) -> str:
 
 def _ensemble_section(s: Mapping) -> str:
     """Each ensemble member's data and validation AUROC, and their spread."""
-    ensemble = s["info"].get("ensemble")
+    ensemble = _lookup(s["info"], ("training", "ensemble"))
     if not ensemble:
         return ""
     rows = [[_e(m["name"]), _e(m["seed"]), _e(m["train_scans"]), _e(m["val_scans"]), _e(f"{m['best_epoch']} of {m['epochs_run']}"),
