@@ -128,12 +128,14 @@ class CalibrationConfig(_Section):
 
 
 class OperatingPointConfig(_Section):
-    method: Literal["youden", "sensitivity", "specificity"] = "youden"
+    method: Literal["youden", "most_probable", "sensitivity", "specificity"] = Field(
+        "youden", description="youden | most_probable (0.5 on the calibrated probability) | sensitivity / specificity with target"
+    )
     target: float | None = Field(None, gt=0, lt=1, description="Target sensitivity/specificity.")
 
     @model_validator(mode="after")
     def _target_needed(self) -> "OperatingPointConfig":
-        if self.method != "youden" and self.target is None:
+        if self.method in ("sensitivity", "specificity") and self.target is None:
             raise ValueError(f"operating_point.method={self.method} needs operating_point.target")
         return self
 

@@ -229,3 +229,13 @@ def test_bootstrap_ci_is_deterministic_for_a_seed():
     assert first.ci != other.ci
     assert first.estimate == auc(y, s) and first.ci[0] < first.estimate < first.ci[1]
     assert first.n_valid == 300 and first.stratified
+
+
+def test_most_probable_is_half_on_the_probability_with_its_own_rates():
+    y = np.array([0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.45, 0.62, 0.48, 0.5, 0.7, 0.9])
+    point = choose_operating_point(y, p, "most_probable")
+    assert point.threshold == 0.5
+    assert point.sensitivity == pytest.approx(3 / 4) and point.specificity == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="takes no target"):
+        choose_operating_point(y, p, "most_probable", 0.9)

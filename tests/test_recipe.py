@@ -107,3 +107,9 @@ def test_step_budget_stays_within_bounds(scans):
     steps = resolved.train.epochs * per_epoch
     assert rules.MIN_STEPS <= steps < rules.MAX_STEPS + per_epoch
     assert "optimizer steps" in {c.key: c for c in choices}["train.epochs"].reason
+
+
+def test_operating_point_rule_follows_the_class_balance():
+    balanced, _ = resolve_recipe(load_config(), _fp(per_class={"a": 300, "b": 200}))
+    rare, _ = resolve_recipe(load_config(), _fp(per_class={"a": 450, "b": 50}))
+    assert balanced.operating_point.method == "most_probable" and rare.operating_point.method == "youden"

@@ -10,6 +10,9 @@ are stored as finite numbers (JSON has no infinity): "all positive" as the lowes
 
 Operating points:
 - ``youden``: maximises sensitivity + specificity - 1; ties go to the higher sensitivity.
+- ``most_probable``: 0.5 on a calibrated probability, i.e. the more probable class (as argmax
+  for several classes): the fewest expected errors where the calibration holds, and no search
+  over a small sample's ROC curve.
 - ``sensitivity`` with ``target``: the reachable threshold with sensitivity >= target and the
   highest specificity; also the specificity at exactly the target sensitivity, interpolated
   linearly between the two neighbouring ROC points as pROC's ``coords(input="sensitivity")``
@@ -26,7 +29,7 @@ import numpy as np
 from medtl.metrics._checks import binary_outcome, scores_1d
 
 DECISION_RULE = "predicted positive when score >= threshold"
-METHODS = ("youden", "sensitivity", "specificity")
+METHODS = ("youden", "most_probable", "sensitivity", "specificity")
 
 
 @dataclass(frozen=True)
@@ -136,15 +139,20 @@ def choose_operating_point(
     """Choose a threshold on ``y_score`` for ``y_true == positive`` (see the module docstring)."""
     if method not in METHODS:
         raise ValueError(f"unknown operating point method {method!r}; choose one of {METHODS}")
-    if method != "youden" and (target is None or not 0 < target <= 1):
+    if method in ("sensitivity", "specificity") and (target is None or not 0 < target <= 1):
         raise ValueError(f"method '{method}' needs a target in (0, 1], got {target}")
-    if method == "youden" and target is not None:
-        raise ValueError("method 'youden' takes no target")
+    if method in ("youden", "most_probable") and target is not None:
+        raise ValueError(f"method '{method}' takes no target")
     scores = scores_1d(y_score)
     curve = roc_curve(y_true, scores, positive=positive)
     se, sp = curve.sensitivity, curve.specificity
     interp_se = interp_sp = None
-    if method == "youden":
+    if method == "most_probable":  # a fixed threshold: its own ROC point
+        is_pos = binary_outcome(y_true, positive, len(scores))
+        k, se, sp = 0, np.array([np.mean(scores[is_pos] >= 0.5)]), np.array([np.mean(scores[~is_pos] < 0.5)])
+        how = ("the more probable class: threshold 0.5 on the calibrated probability (the fewest expected errors "
+               "while the probabilities hold)")
+    elif method == "youden":
         k = int(np.argmax(se + sp))  # first maximum: lowest threshold, highest sensitivity
         how = "maximises Youden's J = sensitivity + specificity - 1"
     elif method == "sensitivity":
@@ -155,7 +163,7 @@ def choose_operating_point(
         k = int(np.flatnonzero(sp >= target)[0])  # lowest threshold still reaching the target
         interp_se = _interpolate(sp, se, target, increasing=True)
         how = f"highest sensitivity with specificity >= {target:g}"
-    threshold = float(curve.thresholds[k])
+    threshold = 0.5 if method == "most_probable" else float(curve.thresholds[k])
     below = scores[scores < threshold]
     above = scores[scores >= threshold]
     around = (float(below.max()) if below.size else None, float(above.min()) if above.size else None)

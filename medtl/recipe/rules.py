@@ -22,6 +22,7 @@ CV_FOLDS = 5
 EPOCH_EQUIVALENTS = 20    # the step budget is this many passes over the training part ...
 MIN_STEPS, MAX_STEPS = 600, 2000  # ... kept within these many optimizer steps
 MIN_EVENTS_PLATT = 20     # fewer scans of the rarer class: temperature (one parameter) instead of Platt (two)
+MIN_SHARE_MOST_PROBABLE = 0.2  # binary tasks whose rarer class is at least this share: threshold 0.5, else Youden
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,14 @@ def resolve_recipe(config: Config, fp: Fingerprint) -> tuple[Config, list[Choice
              f"binary task with {fp.minority} scans of the rarer class: Platt scaling (slope and intercept)" if method == "platt"
              else f"{fp.classes} classes: temperature scaling" if not binary
              else f"only {fp.minority} scans of the rarer class: temperature scaling (one parameter)")
-    r.choose("operating_point.method", "youden",
-             "Youden's J on the calibrated validation probabilities: sensitivity and specificity weigh equally, "
-             "and the threshold does not move with the sample's prevalence" if binary else "argmax (multi-class)")
+    share = fp.minority / fp.scans
+    if not binary:
+        r.choose("operating_point.method", "most_probable", "the most probable class (argmax)")
+    elif share >= MIN_SHARE_MOST_PROBABLE:
+        r.choose("operating_point.method", "most_probable",
+                 f"the rarer class is {share:.0%} of the scans: the more probable class (0.5 on the calibrated probability), "
+                 "the fewest expected errors, with no threshold search on a small sample")
+    else:
+        r.choose("operating_point.method", "youden",
+                 f"the rarer class is only {share:.0%} of the scans: Youden's J, so that its sensitivity is not given up for accuracy")
     return r.resolved(), r.choices
