@@ -312,6 +312,8 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         operating_point=operating_point,
         config_yaml=dump_config(config),
         training=training,
+        reference=bundles.reference_of(trainer.model, make_loader(items["train"], eval_transform, shuffle=False, **{**loader_args, "cache": "none"}),
+                                       eval_loaders["val"], device=trainer.device, seed=tcfg.seed),
     )
 
     info = {
