@@ -20,6 +20,7 @@ fitted to the training scans, whose features are tighter than those of any new s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 from scipy.spatial.distance import cdist
 from sklearn.covariance import LedoitWolf
+
+log = logging.getLogger(__name__)
 
 REFERENCE_FILE = "reference.safetensors"
 SAMPLE_SIZE = 500  # reference scans kept for the two-sample test (and scans drawn from a folder)
@@ -107,9 +110,10 @@ class FeatureReference:
 
 @torch.inference_mode()
 def reference_of(model: torch.nn.Module, train: Iterable, val: Iterable, *, device: torch.device | str = "cpu",
-                 seed: int = 0) -> FeatureReference:
+                 seed: int = 0) -> FeatureReference | None:
     """The :class:`FeatureReference` of ``model`` from its training and validation batches
-    (dicts with ``image`` and ``label``, un-augmented), features by ``model.forward_features``."""
+    (dicts with ``image`` and ``label``, un-augmented), features by ``model.forward_features``;
+    None (with a warning: the bundle then has no shift alarm) with fewer than 2 scans in either."""
 
     def features(batches: Iterable) -> tuple[np.ndarray, np.ndarray]:
         rows, labels = [], []
@@ -124,6 +128,9 @@ def reference_of(model: torch.nn.Module, train: Iterable, val: Iterable, *, devi
         (train_x, train_y), (val_x, _) = features(train), features(val)
     finally:
         model.train(was_training)
+    if min(len(train_x), len(val_x)) < 2:
+        log.warning("no feature reference (and no shift alarm at prediction time): fewer than 2 training or validation scans")
+        return None
     return FeatureReference.fit(train_x, train_y, val_x, seed=seed)
 
 
