@@ -292,3 +292,15 @@ def test_adapt_failure_leaves_no_half_made_bundle(site, monkeypatch, capsys):
     assert main(["adapt", str(site / "run" / "bundle"), str(site / "local.csv"), "--out", str(out)]) == 2
     assert "disk full" in capsys.readouterr().err
     assert not out.exists() and not list(site.glob(".adapted_broken.*"))
+
+
+def test_python_api_tent_then_predict_with_the_alarm(site):
+    from medtl.bundle import adapt
+    from medtl.infer import predict_scans
+
+    shifted = site / "inverted" if (site / "inverted").is_dir() else _inverted_folder(site / "inverted", 24)
+    result = adapt(site / "run" / "bundle", shifted, site / "tented", method="tent", tent_steps=2)
+    assert result.report["method"] == "tent" and json.loads((result.bundle / "bundle.json").read_text())["provenance"][-1]["tent_steps"] == 2
+    summary = predict_scans(load(result.bundle), shifted, site / "tent_preds.csv", num_workers=0, batch_size=8, progress=False)
+    assert summary.predicted == 24 and summary.shift["test"] == "mmd" and 0 < summary.shift["pvalue"] <= 1
+    assert json.loads(summary.summary_file.read_text())["shift"] == summary.shift
