@@ -9,8 +9,8 @@ official validation split (524 X-rays, never trained on):
 - ``collimated``: a tighter collimation at acquisition: the outer 3 pixels of every side are
   black (collimator blades), the anatomy unchanged.  The ranking survives (AUROC 0.963 vs 0.996
   clean for seed 0) but the probabilities and the operating point do not (ECE 0.25), as at the
-  real new site of the issue that motivated this benchmark; intensity-only changes (gamma,
-  window) were absorbed by the chest X-ray intensity preset and shifted nothing.
+  real new site in docs/deploy_new_site.md; gamma and contrast changes were
+  absorbed by the chest X-ray intensity preset (docs/benchmarks.md).
 
 For each shifted site and seed: source-only; AdaBN towards the site's scans (unlabelled, via
 ``medtl.bundle.adapt``); ``medtl.bundle.recalibrate`` on 25, 50 and 100 labelled local scans
