@@ -209,11 +209,12 @@ def _decide(probs: np.ndarray, threshold: float | None, positive: int | None) ->
 
 
 def local_figures(labels: np.ndarray, probs: np.ndarray, decisions: np.ndarray, positive: int | None, *, seed: int = 0) -> dict:
-    """ECE (15 bins) and Brier with stratified bootstrap CIs; accuracy, and for binary models
+    """ECE (15 bins) and Brier with percentile bootstrap CIs; accuracy, and for binary models
     sensitivity and specificity at the decisions, with Wilson CIs; and the best accuracy any
     threshold reaches on the same scans (what a perfect operating point would give)."""
     scores = probs[:, positive] if positive is not None else probs
-    boot = dict(n_resamples=1000, seed=seed)
+    # not stratified: with the class counts fixed, a sample whose probabilities share one bin has a zero-width ECE CI
+    boot = dict(n_resamples=1000, seed=seed, stratified=False)
     pos = 1 if positive is None else positive
     figures = {
         "scans": int(len(labels)),
