@@ -23,6 +23,7 @@ from monai.utils import set_determinism
 from safetensors.torch import load_file, save_file
 
 from medtl import bundle as bundles
+from medtl.bundle import FeatureReference
 from medtl.bundle.bundle import CONFIG_FILE as BUNDLE_CONFIG
 from medtl.backbones import Ensemble, check_batch, create, get_spec, preprocessing_for
 from medtl.calibrate import make_calibrator
@@ -385,6 +386,15 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
     return _finish(run, fitted, parts, positive, recipe, plan, started)
 
 
+def _feature_reference(run: _Run, model: torch.nn.Module, first: Member, device) -> FeatureReference | None:
+    """The shift alarm's reference, in the feature space of the (first) member: its training scans
+    and the validation scans it never trained on (an ensemble's features are its first member's)."""
+    def loader(records: list[ScanRecord]):
+        return make_loader(labelled_items(records, run.classes), run.eval_transform, shuffle=False,
+                           **{**run.loader_args, "cache": "none"})
+    return bundles.reference_of(model, loader(first.train), loader(first.val), device=device, seed=run.config.train.seed)
+
+
 @dataclass
 class _ReportPlan:
     """What the training report is computed on: the manifest's test rows when it has them (scored
@@ -484,6 +494,7 @@ def _finish(run: _Run, fitted: list[_Fitted], parts: dict[str, list[ScanRecord]]
         operating_point=operating_point,
         config_yaml=dump_config(config),
         training=training,
+        reference=_feature_reference(run, model, fitted[0].member, device),
     )
     calibration_data = (f"the pooled out-of-fold predictions ({len(cal_labels)} scans)" if folds
                         else f"the validation split ({len(cal_labels)} scans)")

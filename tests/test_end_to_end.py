@@ -43,7 +43,7 @@ def test_cli_synth_train_evaluate_predict(tmp_path):
     assert main(["predict", str(run / "bundle"), str(data / "test"), "--out", str(preds), "--workers", "0"]) == 0
     rows = list(csv.DictReader(open(preds)))
     classes = meta["classes"]
-    assert list(rows[0]) == ["image", *[f"prob_{c}" for c in classes], "pred", "uncertain", "fingerprint"]
+    assert list(rows[0]) == ["image", *[f"prob_{c}" for c in classes], "pred", "uncertain", "ood_distance", "ood_p", "fingerprint"]
     labels = {r["image"]: r["label"] for r in csv.DictReader(open(data / "test" / "labels.csv"))}
     assert sorted(r["image"] for r in rows) == sorted(labels)
     positive = classes[meta["positive_index"]]

@@ -32,8 +32,8 @@ def test_ensemble_averages_member_probabilities():
         torch.testing.assert_close(out.softmax(dim=1), mean_prob, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out.exp().sum(dim=1), torch.ones(4), rtol=1e-5, atol=1e-6)  # log-probabilities
         torch.testing.assert_close(Ensemble(members[:1])(x).softmax(dim=1), members[0](x).softmax(dim=1))
-        assert ensemble.forward_features(x).shape == (4, 3 * members[0].feature_dim)
-    assert ensemble.feature_dim == 3 * members[0].feature_dim
+        torch.testing.assert_close(ensemble.forward_features(x), members[0].forward_features(x))
+    assert ensemble.feature_dim == members[0].feature_dim
 
 
 def test_ensemble_bundle_round_trip(tmp_path):

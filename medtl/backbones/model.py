@@ -57,7 +57,9 @@ class Ensemble(nn.Module):
     The output is ``log(mean_k softmax(member_k(x)))``: a logit vector whose softmax is the
     members' mean class probability (the deep-ensemble average), so a calibrator, a threshold and
     every consumer of logits treat the ensemble like a single :class:`Classifier`; a one-member
-    ensemble gives the member's own probabilities.  Features are the members' concatenated.
+    ensemble gives the member's own probabilities.  Features (shift alarms, site diagnostics) are
+    the first member's: in a cross-validation ensemble its own validation fold is the one set of
+    labelled scans that the feature space has not been trained on.
     State-dict keys are ``members.<k>.backbone.*`` and ``members.<k>.head.*``.
     """
 
@@ -68,15 +70,15 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         first = members[0]
         self.spec, self.in_channels, self.weights = first.spec, first.in_channels, first.weights
-        self.feature_dim = first.feature_dim * len(members)
+        self.feature_dim = first.feature_dim
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Each member's logits, (K, B, num_classes)."""
         return torch.stack([member(x).float() for member in self.members])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The members' pooled features side by side, (B, K * feature_dim)."""
-        return torch.cat([member.forward_features(x) for member in self.members], dim=1)
+        """The first member's pooled features, (B, feature_dim)."""
+        return self.members[0].forward_features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Log of the mean member probability, (B, num_classes)."""

@@ -6,6 +6,7 @@
       bundle.json         model spec, classes, preprocessing recipe, calibrator, operating point,
                           package versions, training summary
       config.yaml         the resolved run configuration
+      reference.safetensors  training-feature reference for shift alarms (optional; reference.py)
 
 Nothing is pickled: weights are safetensors and everything else is JSON/YAML, so a bundle from
 anyone can be loaded safely.
@@ -25,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medtl.backbones import Ensemble, create
+from medtl.bundle.reference import FeatureReference, read_reference
 from medtl.bundle.runtime import CompiledOrEager, amp_dtype, uses_channels_last
 from medtl.calibrate import calibrator_from_dict
 from medtl.metrics import OperatingPoint
@@ -64,8 +66,9 @@ def save(
     operating_point: OperatingPoint | None,
     config_yaml: str = "",
     training: Mapping[str, Any] | None = None,
+    reference: FeatureReference | None = None,
 ) -> Path:
-    """Write a bundle folder; returns its path."""
+    """Write a bundle folder (with ``reference.safetensors`` when ``reference`` is given); returns its path."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -83,6 +86,8 @@ def save(
     }
     (path / META_FILE).write_text(json.dumps(meta, indent=2))
     (path / CONFIG_FILE).write_text(config_yaml)
+    if reference is not None:
+        reference.save(path)
     return path
 
 
@@ -117,6 +122,7 @@ class Predictor:
         self.channels_last = False
         self.amp_dtype: torch.dtype | None = None
         self._forward: torch.nn.Module = self.model
+        self.reference: FeatureReference | None = None  # set by load() from reference.safetensors
 
     def accelerate(self, *, channels_last: bool = True, amp: bool = False, compile: bool = False) -> "Predictor":
         """Tune the forward pass for throughput: channels-last memory where the network gains
@@ -181,4 +187,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
     missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
     if missing or unexpected:
         raise BundleError(f"{weights} does not match backbone {spec['backbone']}: missing {missing}, unexpected {unexpected}")
-    return Predictor(model, meta, torch.device(device))
+    predictor = Predictor(model, meta, torch.device(device))
+    predictor.reference = read_reference(path)
+    return predictor

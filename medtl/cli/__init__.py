@@ -9,7 +9,7 @@ import sys
 
 # Each name is a module ``medtl.cli.<name>`` exposing ``register(subparsers)``; the order is
 # the order ``medtl --help`` lists them in.
-COMMANDS = ("synth", "scan", "train", "evaluate", "predict", "weights", "rank", "demo")
+COMMANDS = ("synth", "scan", "train", "evaluate", "predict", "recalibrate", "adapt", "weights", "rank", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,10 +6,17 @@ into its own part file and rank 0 merges the parts, in input order, into the out
 ``tta`` each scan is also predicted shifted a few pixels, and the spread across those views
 decides the uncertainty flag; with ``cam_dir`` a Grad-CAM overlay is written per scan before
 its row, so a resumed run never lacks one.
+
+When the bundle holds a feature reference (``reference.safetensors``), each row also gets an
+out-of-distribution score (``ood_distance``, Mahalanobis to the nearest class mean of the
+training features, and ``ood_p``, its p-value against the validation scans), and the run ends
+with a folder-level verdict (MMD permutation test of the scans predicted in this run against
+the reference), written with the counts to ``<out stem>.summary.json``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -21,6 +28,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from medtl.bundle import Predictor
+from medtl.bundle.reference import LEVEL, Reservoir, scan_features
 from medtl.infer.autobatch import auto_batch_size
 from medtl.infer.batch import fingerprint, gather_inputs, load_batches
 from medtl.infer.cam import CamWriter
@@ -43,6 +51,8 @@ class PredictSummary:
     out: Path | None = None
     errors: Path | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
+    shift: dict | None = None
+    summary_file: Path | None = None
 
 
 def uncertain(predictor: Predictor, probs: np.ndarray, band: float | np.ndarray) -> np.ndarray:
@@ -75,9 +85,11 @@ def _part(path: Path, rank: int, world: int) -> Path:
     return path if world == 1 else path.with_name(f"{path.name}.part-{rank}")
 
 
-def _rows(predictor: Predictor, names: list[str], logits: np.ndarray, band: float, fingerprints: list[str]) -> list[dict]:
+def _rows(predictor: Predictor, names: list[str], logits: np.ndarray, band: float, fingerprints: list[str],
+          features: np.ndarray | None = None) -> list[dict]:
     """Output rows for a batch of logits ``(B, C)``, or ``(B, views, C)`` with test-time
-    augmentation (then probabilities are the views' mean and ``tta_std`` their spread)."""
+    augmentation (then probabilities are the views' mean and ``tta_std`` their spread); with
+    ``features`` also the out-of-distribution score and its p-value."""
     if logits.ndim == 3:
         probs, spread = tta_probabilities(predictor, logits)
         flags = uncertain(predictor, probs, TTA_MARGIN * spread)
@@ -85,12 +97,17 @@ def _rows(predictor: Predictor, names: list[str], logits: np.ndarray, band: floa
         probs, spread = predictor.calibrate(logits), None
         flags = uncertain(predictor, probs, band)
     decisions = predictor.decide(probs)
+    if features is not None:
+        distances = predictor.reference.distances(features)
+        pvalues = predictor.reference.pvalues(distances)
     rows = []
     for i, name in enumerate(names):
         row = {"image": name, **{f"prob_{c}": round(float(p), 6) for c, p in zip(predictor.classes, probs[i])}}
         row.update(pred=predictor.classes[int(decisions[i])], uncertain=int(flags[i]))
         if spread is not None:
             row["tta_std"] = round(float(spread[i]), 6)
+        if features is not None:
+            row.update(ood_distance=round(float(distances[i]), 4), ood_p=round(float(pvalues[i]), 6))
         rows.append({**row, "fingerprint": fingerprints[i]})
     return rows
 
@@ -106,6 +123,8 @@ def predict_scans(
     uncertain_band: float = 0.1,
     tta: bool = False,
     cam_dir: str | Path | None = None,
+    shift_check: bool = True,
+    shift_level: float = LEVEL,
     progress: bool = True,
 ) -> PredictSummary:
     """Predict every scan under ``source`` into ``out`` (CSV or JSON Lines), resuming a
@@ -113,12 +132,16 @@ def predict_scans(
 
     ``batch_size="auto"`` times a few sizes (:func:`auto_batch_size`); ``num_workers=None``
     picks the decode processes for the device; ``tta`` adds shifted views and a ``tta_std``
-    column; ``cam_dir`` receives a Grad-CAM overlay PNG per scan."""
+    column; ``cam_dir`` receives a Grad-CAM overlay PNG per scan; ``shift_check`` (with a bundle
+    that has a feature reference) adds the ``ood_distance`` / ``ood_p`` columns and the
+    folder-level shift verdict at ``shift_level``."""
     out = Path(out)
     rank, world = _rank_world()
     paths, root = gather_inputs(source)
     names = [_display_name(p, root) for p in paths]
-    columns = ["image", *[f"prob_{c}" for c in predictor.classes], "pred", "uncertain", *(["tta_std"] if tta else []), "fingerprint"]
+    check = shift_check and predictor.reference is not None
+    columns = ["image", *[f"prob_{c}" for c in predictor.classes], "pred", "uncertain", *(["tta_std"] if tta else []),
+               *(["ood_distance", "ood_p"] if check else []), "fingerprint"]
 
     done_rows = read_rows(out, fmt) if world > 1 else []
     for other in range(world):
@@ -141,6 +164,7 @@ def predict_scans(
     if batch_size == "auto":
         batch_size = auto_batch_size(predictor, len(todo))
     failures: list[tuple[str, str]] = []
+    sample = Reservoir(seed=rank)
 
     with tqdm(total=len(todo), desc=f"predicting (rank {rank})" if world > 1 else "predicting", unit="scan",
               disable=not progress, position=rank) as bar:
@@ -152,14 +176,22 @@ def predict_scans(
                 good = [_display_name(p, root) for p in batch.paths]
                 if cams is not None:
                     cams.write(good, batch.images)
-                table.append(_rows(predictor, good, forward(batch.images), uncertain_band, [fingerprints[p] for p in batch.paths]))
+                features = scan_features(predictor, batch.images) if check else None
+                if features is not None:
+                    sample.add(features)
+                table.append(_rows(predictor, good, forward(batch.images), uncertain_band, [fingerprints[p] for p in batch.paths],
+                                   features))
             bar.update(len(batch.paths) + len(batch.failed))
 
     errors_path = out.with_name(out.stem + ".errors.csv")
     write_table(_part(errors_path, rank, world), ERROR_COLUMNS, [dict(zip(ERROR_COLUMNS, f)) for f in failures])
     counts = torch.tensor([len(todo) - len(failures), skipped, len(failures)])
+    samples = [sample.array()]
     if world > 1:
         dist.all_reduce(counts)
+        if check:
+            samples = [None] * world
+            dist.all_gather_object(samples, sample.array())
         dist.barrier()  # all parts are complete
         if rank == 0:
             _merge(out, columns, fmt, names, world, keep_existing=True)
@@ -170,7 +202,23 @@ def predict_scans(
         summary.errors = errors_path
     elif rank == 0:
         errors_path.unlink(missing_ok=True)
+    if rank == 0:
+        summary.shift = _shift_verdict(predictor, samples, check, shift_check, shift_level)
+        summary.summary_file = out.with_name(out.stem + ".summary.json")
+        record = {"predicted": summary.predicted, "skipped": summary.skipped, "failed": summary.failed, "shift": summary.shift}
+        summary.summary_file.write_text(json.dumps(record, indent=2))
     return summary
+
+
+def _shift_verdict(predictor: Predictor, samples: list[np.ndarray], check: bool, requested: bool, level: float) -> dict:
+    """The folder-level shift test on the features of the scans predicted in this run (all ranks)."""
+    if not check:
+        why = "the bundle has no feature reference (made before shift alarms existed)" if requested else "--no-shift-check"
+        return {"test": None, "shifted": None, "message": f"no shift alarm: {why}"}
+    features = np.concatenate([s for s in samples if s.size]) if any(s.size for s in samples) else np.empty((0, 0))
+    if not features.size:
+        return {"test": None, "shifted": None, "n_scans": 0, "message": "no shift alarm: no scan was predicted in this run"}
+    return predictor.reference.shift_test(features, level=level)
 
 
 def _merge(out: Path, columns: list[str], fmt: str, names: list[str], world: int, *, keep_existing: bool) -> None:
