@@ -88,6 +88,38 @@ def markdown(rows: Sequence[dict]) -> str:
     return "\n".join(parts)
 
 
+def _candidate(backbone: str, weights: str) -> str:
+    return f"{backbone}@{weights}"
+
+
+def logme_markdown(ranks: Sequence[dict], rows: Sequence[dict]) -> str:
+    """Per task, fraction and seed: the candidates in LogME order (before fine-tuning) beside the
+    best test AUROC each reached after fine-tuning (any recipe), and whether LogME's first is the winner."""
+    best: dict[tuple, float] = {}
+    for r in rows:
+        key = (r["task"], r["fraction"], r["seed"], _candidate(r["backbone"], r["weights"]))
+        best[key] = max(best.get(key, 0.0), r["auroc"])
+    groups: dict[tuple, list[dict]] = {}
+    for r in ranks:
+        groups.setdefault((r["task"], r["fraction"], r["seed"]), []).append(r)
+    parts = [
+        "### LogME before fine-tuning vs the best fine-tuned test AUROC per candidate",
+        "",
+        "| task | labels | seed | LogME order (score) | best AUROC after fine-tuning, same order | LogME's first won |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (task, fraction, seed), group in groups.items():
+        order = sorted(group, key=lambda r: r["rank"])
+        names = [_candidate(r["backbone"], r["weights"]) for r in order]
+        aurocs = [best.get((task, fraction, seed, n)) for n in names]
+        known = [a for a in aurocs if a is not None]
+        won = "–" if not known or aurocs[0] is None else ("yes" if aurocs[0] == max(known) else "no")
+        scored = ", ".join(f"{n} ({r['logme']:.3f})" for n, r in zip(names, order))
+        reached = ", ".join("–" if a is None else f"{a:.3f}" for a in aurocs)
+        parts.append(f"| {task} | {fraction:.0%} | {seed} | {scored} | {reached} | {won} |")
+    return "\n".join(parts + [""])
+
+
 def plot(rows: Sequence[dict], task: str, path: Path) -> None:
     """Test AUROC vs label fraction (one line per method, band: mean DeLong 95 % CI) beside ECE
     before (dashed) and after (solid) calibration."""

