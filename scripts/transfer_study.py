@@ -16,7 +16,7 @@
 
 Writes WORK/results.csv (one row per run), WORK/logme.csv, WORK/results.md (tables) and
 FIGURES/transfer_<task>.png.
-Finished runs are kept (WORK/runs/.../outcome.json), so an interrupted study resumes.
+Finished runs (WORK/runs/.../outcome.json) and LogME scores (WORK/logme/) are kept, so an interrupted study resumes.
 
     .venv/bin/python scripts/transfer_study.py --figures docs/img   # the full study
     .venv/bin/python scripts/transfer_study.py --quick              # smoke run: tiny data, 1 seed, 1 epoch
@@ -286,7 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if fraction == 1 and args.seeds_at_100 is not None and seed not in task.seeds[: args.seeds_at_100]:
                     continue
                 manifest, n_train = data.subset_manifest(pool, fraction, seed)
-                ranks += logme_scores(task, fraction, seed, manifest, weights)
+                cached = args.work / "logme" / f"{task.name}_frac{fraction:g}_seed{seed}.json"
+                if not cached.is_file():
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    cached.write_text(json.dumps(logme_scores(task, fraction, seed, manifest, weights)))
+                ranks += json.loads(cached.read_text())
                 for method in task.methods:
                     row = run_cell(task, method, fraction, seed, manifest, n_train, args, weights)
                     rows.append(row)
