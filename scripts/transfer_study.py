@@ -148,9 +148,13 @@ def scores_on_test(bundle: Path, manifest: Path) -> tuple[list[int], list[float]
     return labels, torch.softmax(logits, dim=1)[:, positive].tolist(), calibrated.tolist()
 
 
+def run_dir(work: Path, task: Task, method: Method, fraction: float, seed: int) -> Path:
+    return work / "runs" / task.name / method.name / f"frac{fraction:g}_seed{seed}"
+
+
 def run_cell(task: Task, method: Method, fraction: float, seed: int, manifest: Path, n_train: int, args, weights: dict) -> dict:
     """One training run of the grid and its figures."""
-    out = args.work / "runs" / task.name / method.name / f"frac{fraction:g}_seed{seed}"
+    out = run_dir(args.work, task, method, fraction, seed)
     epochs = args.epochs or epochs_for(n_train, task.batch_size, base=load_config(CONFIGS / method.config).train.epochs)
     overrides = [f"data.manifest={manifest}", f"train.seed={seed}", f"train.epochs={epochs}", f"model.backbone={method.backbone}"]
     overrides.append(f"model.weights={weights[method.source]}")
@@ -252,6 +256,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="run only the first N seeds at fraction 1 (where every seed trains on the same scans)")
     parser.add_argument("--mednist-per-class", type=int, default=None, help="MedNIST images per class (default 2000)")
     parser.add_argument("--epochs", type=int, default=None, help="fixed epochs for every run (default: by subset size)")
+    parser.add_argument("--finished-only", action="store_true", help="train nothing: tables from the runs already finished (a partial grid)")
     parser.add_argument("--limit", type=int, default=None, help="scans per target split (default: all)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -286,12 +291,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if fraction == 1 and args.seeds_at_100 is not None and seed not in task.seeds[: args.seeds_at_100]:
                     continue
                 manifest, n_train = data.subset_manifest(pool, fraction, seed)
+                methods = [m for m in task.methods if not args.finished_only or (run_dir(args.work, task, m, fraction, seed) / "outcome.json").is_file()]
+                if not methods:
+                    continue
                 cached = args.work / "logme" / f"{task.name}_frac{fraction:g}_seed{seed}.json"
                 if not cached.is_file():
                     cached.parent.mkdir(parents=True, exist_ok=True)
                     cached.write_text(json.dumps(logme_scores(task, fraction, seed, manifest, weights)))
                 ranks += json.loads(cached.read_text())
-                for method in task.methods:
+                for method in methods:
                     row = run_cell(task, method, fraction, seed, manifest, n_train, args, weights)
                     rows.append(row)
                     print(f"{task.name} {method.name:22s} {fraction:5.0%} seed {seed}: AUROC {row['auroc']:.4f} "
