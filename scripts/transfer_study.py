@@ -211,16 +211,20 @@ def logme_scores(task: Task, fraction: float, seed: int, manifest: Path, weights
 
 
 def paired_vs_scratch(rows: list[dict], work: Path) -> None:
-    """Add each run's AUROC difference to scratch (same task, fraction, seed) with DeLong's paired CI."""
-    scratch = {(r["task"], r["fraction"], r["seed"]): r for r in rows if r["method"] == "scratch"}
+    """Add each run's AUROC difference to scratch (same task, fraction, seed) with DeLong's paired CI:
+    ``delta_*`` against the ResNet-18 from scratch, ``same_delta_*`` against its own backbone from
+    scratch where that is another run (EfficientNet-Lite0 from ImageNet vs from scratch)."""
+    scratch = {(r["task"], r["fraction"], r["seed"], r["backbone"]): r for r in rows if r["weights"] == "none"}
     for row in rows:
-        base = scratch.get((row["task"], row["fraction"], row["seed"]))
-        if base is None or row is base:
-            continue
-        a = json.loads((work / row["run_dir"] / "test_scores.json").read_text())
-        b = json.loads((work / base["run_dir"] / "test_scores.json").read_text())
-        test = delong_test(np.array(a["labels"]), np.array(a["scores"]), np.array(b["scores"]))
-        row.update(delta_auroc=test.difference, delta_se=test.se, delta_lo=test.ci[0], delta_hi=test.ci[1], delta_p=test.pvalue)
+        cell = (row["task"], row["fraction"], row["seed"])
+        for prefix, base in (("delta", scratch.get((*cell, "resnet18"))), ("same_delta", scratch.get((*cell, row["backbone"])))):
+            if base is None or row is base or (prefix == "same_delta" and row["backbone"] == "resnet18"):
+                continue
+            a = json.loads((work / row["run_dir"] / "test_scores.json").read_text())
+            b = json.loads((work / base["run_dir"] / "test_scores.json").read_text())
+            test = delong_test(np.array(a["labels"]), np.array(a["scores"]), np.array(b["scores"]))
+            row.update({f"{prefix}_auroc": test.difference, f"{prefix}_se": test.se, f"{prefix}_lo": test.ci[0],
+                        f"{prefix}_hi": test.ci[1], f"{prefix}_p": test.pvalue})
 
 
 def build_tasks(args: argparse.Namespace) -> list[Task]:
