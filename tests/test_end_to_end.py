@@ -27,7 +27,7 @@ def test_cli_synth_train_evaluate_predict(tmp_path):
         assert (run / name).is_file(), name
     meta = json.loads((run / "bundle" / "bundle.json").read_text())
     assert meta["calibration"]["method"] == "platt"  # calibration auto, binary
-    assert meta["operating_point"]["method"] == "youden"
+    assert meta["operating_point"]["method"] == "most_probable"  # recipe: auto, classes 60/40
     assert list(run.joinpath("report").glob("*.png")), "report plots"
     shift = json.loads((run / "report" / "metrics.json").read_text())["site_shift"]
     assert set(shift) == {"before", "after"} and "A vs B" in shift["after"]["proxy_a_distance"]
