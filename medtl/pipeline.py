@@ -29,7 +29,7 @@ from medtl.config import AdaptConfig, Config, dump_config, load_config
 from medtl.infer import ERROR_COLUMNS, iter_logits, write_table
 from medtl.io import ScanReadError, ScanRecord, assign_splits, read_manifest, unreadable_scans
 from medtl.metrics import OperatingPoint, choose_operating_point
-from medtl.report import write_report
+from medtl.report import run_info, write_report
 from medtl.train import (
     CHECKPOINT_FILE, FitResult, Trainer, class_weights, is_main, labelled_items, make_loader, micro_batch_size, resolve_classes,
     world_size,
@@ -314,21 +314,9 @@ def train(config: Config, out_dir: str | Path, *, num_workers: int | None = None
         training=training,
     )
 
-    info = {
-        "title": f"medtl training report: {mcfg.backbone}",
-        "evaluated_on": evaluation,
-        "software": bundles.package_versions(),
-        "seed": tcfg.seed,
-        "initial_weights": mcfg.weights,
-        "backbone": mcfg.backbone,
-        "transfer_method": config.adapt.strategy if acfg.domain == "none" else f"{acfg.strategy} + {acfg.domain} ({len(targets)} unlabelled target scans)",
-        "partitions": partitions,
-        "hyperparameters": config.train.model_dump(mode="json"),
-        "preprocessing": pre,
-        "model_selection": _selection_text(fit, tcfg.patience),
-        "recalibration": f"{calibrator.method} fitted on the validation split ({len(val_labels)} scans)",
-        "operating_point": operating_point.to_dict() if operating_point else "argmax (multi-class)",
-    }
+    info = run_info(config, bundles.read_meta(bundle_dir), title=f"medtl training report: {mcfg.backbone}", evaluated_on=evaluation,
+                    recalibration=f"{calibrator.method} fitted on the validation split ({len(val_labels)} scans)",
+                    model_selection=_selection_text(fit, tcfg.patience))
     metrics = write_report(
         run_dir / "report",
         y_true=labels,
@@ -364,7 +352,7 @@ def evaluate(
     operating point.  Unreadable scans are listed in ``errors.csv`` and left out of the metrics.
     ``subgroups`` and ``prevalence`` default to the training run's ``report`` settings."""
     predictor = bundles.load(bundle_path, device="cuda" if torch.cuda.is_available() else "cpu")
-    records = [r for r in read_manifest(manifest) if r.label]
+    records = [r for r in read_manifest(manifest, check_files=False) if r.label]  # a missing scan is excluded and listed, as in predict
     unknown = sorted({r.label for r in records} - set(predictor.classes))
     if unknown:
         raise ValueError(f"{manifest}: labels {unknown} are not classes of the bundle {predictor.classes}")
@@ -386,23 +374,13 @@ def evaluate(
         raise ValueError(f"{manifest}: no scan could be read (see {out_dir / 'errors.csv'})")
     logits_arr = np.stack(logits)
     labels = np.array([predictor.classes.index(r.label) for r in kept])
-    meta = predictor.meta
     trained = load_config(Path(bundle_path) / BUNDLE_CONFIG)
-    info = {
-        "title": f"medtl evaluation: {meta['model']['backbone']} on {Path(manifest).name}",
-        "evaluated_on": f"{manifest} ({len(kept)} scans; {len(failures)} unreadable, left out)",
-        "software": bundles.package_versions(),
-        "bundle_versions": meta.get("versions"),
-        "initial_weights": meta["model"].get("weights"),
-        "backbone": meta["model"]["backbone"],
-        "training": meta.get("training"),
-        "seed": trained.train.seed,
-        "transfer_method": trained.adapt.strategy,
-        "hyperparameters": trained.train.model_dump(mode="json"),
-        "preprocessing": meta["preprocessing"],
-        "recalibration": f"{meta['calibration'].get('method')} (stored in the bundle, fitted on the training run's validation split)",
-        "operating_point": meta.get("operating_point") or "argmax (multi-class)",
-    }
+    info = run_info(
+        trained, predictor.meta, title=f"medtl evaluation: {predictor.meta['model']['backbone']} on {Path(manifest).name}",
+        evaluated_on=f"{manifest} ({len(kept)} scans; {len(failures)} unreadable, left out)",
+        recalibration=f"{predictor.meta['calibration'].get('method')} (stored in the bundle, fitted on the training run's validation split)",
+        excluded=len(failures),
+    )
     return write_report(
         out_dir,
         y_true=labels,

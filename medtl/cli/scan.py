@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     flagged = [r for r in rows if r["problems"]]
     print(f"{len(rows)} scans under {args.input_dir}: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     for row in flagged[:20]:
-        print(f"  {row['path']}: {row['problems']}")
+        print(f"  {row['image']}: {row['problems']}")
     if len(flagged) > 20:
         print(f"  ... and {len(flagged) - 20} more with problems")
     if args.out:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from medtl.bundle import Predictor
 from medtl.infer.autobatch import auto_batch_size
-from medtl.infer.batch import fingerprint, gather_inputs, load_batches
+from medtl.infer.batch import fingerprint, gather_inputs, load_batches, split_finite
 from medtl.infer.cam import CamWriter
 from medtl.infer.table import ResultTable, read_rows, write_table
 from medtl.infer.tta import tta_logits, tta_probabilities
@@ -66,7 +66,7 @@ def _rank_world() -> tuple[int, int]:
 
 def _display_name(path: str, root: Path) -> str:
     try:
-        return str(Path(path).resolve().relative_to(root.resolve()))
+        return str(Path(os.path.realpath(path)).relative_to(os.path.realpath(root)))  # realpath: a symlink loop is a name too
     except ValueError:
         return path
 
@@ -145,15 +145,21 @@ def predict_scans(
     with tqdm(total=len(todo), desc=f"predicting (rank {rank})" if world > 1 else "predicting", unit="scan",
               disable=not progress, position=rank) as bar:
         for batch in load_batches(predictor, [p for p, _ in todo], batch_size=int(batch_size), num_workers=num_workers):
-            for path, reason in batch.failed:
+            failed, bar_step = list(batch.failed), len(batch.paths) + len(batch.failed)
+            if batch.images is not None:
+                logits = forward(batch.images)
+                keep, bad = split_finite(batch.paths, logits)
+                failed += bad
+                paths_ok = [p for p, ok in zip(batch.paths, keep) if ok]
+                good = [_display_name(p, root) for p in paths_ok]
+                if good and cams is not None:
+                    cams.write(good, batch.images[torch.as_tensor(keep)])
+                if good:
+                    table.append(_rows(predictor, good, logits[keep], uncertain_band, [fingerprints[p] for p in paths_ok]))
+            for path, reason in failed:
                 log.warning("skipped %s: %s", _display_name(path, root), reason)
                 failures.append((_display_name(path, root), reason))
-            if batch.images is not None:
-                good = [_display_name(p, root) for p in batch.paths]
-                if cams is not None:
-                    cams.write(good, batch.images)
-                table.append(_rows(predictor, good, forward(batch.images), uncertain_band, [fingerprints[p] for p in batch.paths]))
-            bar.update(len(batch.paths) + len(batch.failed))
+            bar.update(bar_step)
 
     errors_path = out.with_name(out.stem + ".errors.csv")
     write_table(_part(errors_path, rank, world), ERROR_COLUMNS, [dict(zip(ERROR_COLUMNS, f)) for f in failures])

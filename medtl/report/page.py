@@ -127,7 +127,9 @@ def _data_section(s: Mapping) -> str:
         "<h2>Evaluation data</h2>"
         f"<p><b>Evaluated on:</b> {_value(info.get('evaluated_on'))}</p>"
         f"<p><b>Cases:</b> {_e(s['n'])} ({_e(counts)})</p>"
-        '<p class="note">No patient identifiers are included in this report.</p>'
+        + (f"<p><b>Excluded:</b> {_e(info['excluded'])} scans that could not be read or gave no finite output; "
+           "errors.csv beside this report lists them with the reasons.</p>" if info.get("excluded") else "")
+        + '<p class="note">No patient identifiers are included in this report.</p>'
     )
 
 
