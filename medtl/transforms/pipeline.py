@@ -81,12 +81,14 @@ def make_preprocessing(
     }
 
 
-def deterministic_transforms(pre: Mapping[str, Any]) -> list:
+def deterministic_transforms(pre: Mapping[str, Any], *, load: bool = True) -> list:
     """Load (ScanReader) -> spatial dims/channels -> [orientation] -> [spacing] -> intensity
     preset -> resize or crop/pad -> plain float32 tensor: the part worth caching.  Recipes from before ``orientation``,
-    ``target_spacing`` and ``fit`` existed rebuild the chain they were trained with."""
+    ``target_spacing`` and ``fit`` existed rebuild the chain they were trained with.  ``load=False``
+    starts from an image already loaded (a channel-first MetaTensor laid out as the reader's)."""
     dims = pre["spatial_dims"]
-    chain = [LoadScand(IMAGE), ToSpatialDimsd(IMAGE, dims, pre["channels"])]
+    chain = [LoadScand(IMAGE)] if load else []
+    chain.append(ToSpatialDimsd(IMAGE, dims, pre["channels"]))
     if pre.get("orientation"):
         chain.append(Orientationd(IMAGE, axcodes=pre["orientation"], labels=None))
     if pre.get("target_spacing"):
@@ -133,12 +135,15 @@ class ScanCompose(Compose):
             raise named from None
 
 
-def build_transforms(pre: Mapping[str, Any], *, train: bool = False) -> Compose:
+def build_transforms(pre: Mapping[str, Any], *, train: bool = False, loaded: bool = False) -> Compose:
     """The full chain for one split; ``train`` adds augmentation after the cacheable part.
 
     The deterministic part is one guarded step (failures name the scan) that MONAI's caching
-    datasets cache as a whole."""
-    chain = [NameFileErrors(Compose(deterministic_transforms(pre)))]
+    datasets cache as a whole.  ``loaded``: items hold in-memory images, not paths."""
+    if loaded:
+        chain = [Compose(deterministic_transforms(pre, load=False))]
+    else:
+        chain = [NameFileErrors(Compose(deterministic_transforms(pre)))]
     if train:
         chain += augmentations(pre)
     chain += [WeightsNormalized(IMAGE, pre["normalization"]), EnsureTyped(IMAGE, dtype=np.float32, track_meta=False)]
