@@ -142,3 +142,22 @@ def test_inventory_lists_symlink_loops(tmp_path):
     os.symlink("loop", tmp_path / "loop")
     rows = {Path(r["image"]).name: r for r in inventory(tmp_path, workers=1)}
     assert rows["loop"]["kind"] == "unreadable" and "symbolic link loop" in rows["loop"]["problems"]
+
+
+def test_quick_fingerprint_is_what_its_docstring_says(tmp_path):
+    """Name, size, first and last 64 KiB: a replaced head or tail or a new size changes it; an
+    edit in the middle of a large file does not (why it is not called a content hash)."""
+    from medtl.infer import quick_fingerprint
+
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes())
+    path = tmp_path / "a.dcm"
+    path.write_bytes(data)
+    before = quick_fingerprint(path)
+    for change in (lambda d: d.__setitem__(10, d[10] ^ 1), lambda d: d.__setitem__(-10, d[-10] ^ 1), lambda d: d.append(0)):
+        edited = bytearray(data)
+        change(edited)
+        path.write_bytes(edited)
+        assert quick_fingerprint(path) != before
+    data[150_000] ^= 1
+    path.write_bytes(data)
+    assert quick_fingerprint(path) == before

@@ -30,9 +30,12 @@ class ScanResult:
     error: str | None = None
 
 
-def fingerprint(path: str | Path) -> str:
-    """A cheap content fingerprint of a scan file or series folder: size plus the first and
-    last 64 KiB of every file, hashed.  Changes when a scan is replaced, not when it is copied."""
+def quick_fingerprint(path: str | Path) -> str:
+    """A quick fingerprint of a scan file or series folder, not a hash of the whole content:
+    each file's name, size and first and last 64 KiB, hashed (BLAKE2b, 80 bits).  It changes
+    when a scan is replaced or rewritten, but not for an edit inside a large file that keeps its
+    size, head and tail; it costs two reads per file whatever the size, which keeps checking
+    what a resumed run has done cheap on large DICOM series."""
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     digest = hashlib.blake2b(digest_size=10)

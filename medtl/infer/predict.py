@@ -1,8 +1,8 @@
 """``medtl predict``: calibrated predictions for many scans, resumable and sharded.
 
-Re-running the same command skips scans already in the output (matched by name and content
-fingerprint) and appends the rest.  Under ``torchrun`` each rank predicts its share of the scans
-into its own part file and rank 0 merges the parts, in input order, into the output.  With
+Re-running the same command skips scans already in the output (matched by name and
+:func:`~medtl.infer.batch.quick_fingerprint`) and appends the rest.  Under ``torchrun`` each
+rank predicts its share of the scans into its own part file and rank 0 merges the parts, in input order, into the output.  With
 ``tta`` each scan is also predicted shifted a few pixels, and the spread across those views
 decides the uncertainty flag; with ``cam_dir`` a Grad-CAM overlay is written per scan before
 its row, so a resumed run never lacks one.
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from medtl.bundle import Predictor
 from medtl.infer.autobatch import auto_batch_size
-from medtl.infer.batch import fingerprint, gather_inputs, load_batches, split_finite
+from medtl.infer.batch import gather_inputs, load_batches, quick_fingerprint, split_finite
 from medtl.infer.cam import CamWriter
 from medtl.infer.table import ResultTable, read_rows, write_table
 from medtl.infer.tta import tta_logits, tta_probabilities
@@ -69,6 +69,14 @@ def _display_name(path: str, root: Path) -> str:
         return str(Path(os.path.realpath(path)).relative_to(os.path.realpath(root)))  # realpath: a symlink loop is a name too
     except ValueError:
         return path
+
+
+def _fingerprint(path: str) -> str:
+    """The scan's quick fingerprint, or "" when it cannot be read (the reader then says why)."""
+    try:
+        return quick_fingerprint(path)
+    except OSError:
+        return ""
 
 
 def _part(path: Path, rank: int, world: int) -> Path:
@@ -129,7 +137,7 @@ def predict_scans(
 
     todo, skipped = [], 0
     for index in range(rank, len(paths), world):
-        key = (names[index], fingerprint(paths[index]) if Path(paths[index]).exists() else "")
+        key = (names[index], _fingerprint(paths[index]))
         if key in done:
             skipped += 1
         else:
