@@ -29,9 +29,11 @@ def write_small_split(root: Path, *, patients_per_site: int, n_train: int, n_val
     return root / "small.csv"
 
 
-def write_tiny_bundle(folder: Path, *, image_size: int = 32, **recipe) -> Path:
+def write_tiny_bundle(folder: Path, *, image_size: int | list[int] = 32, config: Config | None = None,
+                      training: dict | None = None, **recipe) -> Path:
     """A ResNet-18 bundle with random weights at ``image_size`` px: temperature and threshold
-    fitted on random logits; ``recipe`` overrides preprocessing recipe entries."""
+    fitted on random logits; ``config`` and ``training`` as a run would record them; ``recipe``
+    overrides preprocessing recipe entries."""
     torch.manual_seed(0)
     model = create("resnet18", weights="none", in_channels=1, spatial_dims=2, num_classes=2)
     pre = make_preprocessing(spatial_dims=2, image_size=image_size, channels=1, intensity="auto", ct_window=(40, 400),
@@ -42,4 +44,5 @@ def write_tiny_bundle(folder: Path, *, image_size: int = 32, **recipe) -> Path:
     op = choose_operating_point(labels, calibrator.transform(logits)[:, 1], "youden")
     spec = {"backbone": "resnet18", "in_channels": 1, "spatial_dims": 2, "num_classes": 2, "weights": "none"}
     return save(folder, model, model_spec=spec, classes=["normal", "opacity"], positive_index=1,
-                preprocessing={**pre, **recipe}, calibrator=calibrator, operating_point=op, config_yaml=dump_config(Config()))
+                preprocessing={**pre, **recipe}, calibrator=calibrator, operating_point=op,
+                config_yaml=dump_config(config or Config()), training=training)
