@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "predict ...) the scans are sharded across processes and rank 0 merges the results.",
     )
     p.add_argument("bundle", type=Path, help="Bundle folder written by 'medtl train'.")
-    p.add_argument("input", type=Path, help="Folder (searched recursively for DICOM, NIfTI, PNG, JPEG) or manifest CSV.")
+    p.add_argument("input", type=Path, help="Folder (searched recursively for DICOM, NIfTI, PNG, JPEG) or a CSV with an image column "
+                   "(a manifest, labels not needed, or the inventory of 'medtl scan --out').")
     p.add_argument("--out", type=Path, required=True, help="Output file (.csv, or .jsonl with --format jsonl).")
     p.add_argument("--format", choices=OUTPUT_FORMATS, default=None, help="Output format (default: from the --out suffix, else csv).")
     p.add_argument("--batch-size", type=_batch_size, default="auto",
