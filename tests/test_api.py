@@ -79,3 +79,10 @@ def test_logits_refuses_raw_images(predictor, scans):
     chain = predictor.transforms()
     ready = torch.stack([chain({"image": str(p)})["image"] for p in scans])
     assert predictor.logits(ready).shape == (3, 2)
+
+
+def test_logits_checks_only_the_shape_when_the_recipe_has_no_fixed_range(tmp_path):
+    """Without an intensity preset the bundle's own inputs keep their raw range: not refused."""
+    raw = load(write_tiny_bundle(tmp_path / "b", intensity="none"))
+    size = raw.preprocessing["image_size"]
+    assert raw.logits(torch.full((2, 1, *size), 500.0)).shape == (2, 2)

@@ -38,13 +38,14 @@ def as_paths(scans: ScanPaths) -> list[str]:
 def check_preprocessed(images: torch.Tensor, preprocessing: Mapping[str, Any]) -> None:
     """``ValueError`` unless ``images`` look like a batch the bundle's preprocessing made:
     ``(B, channels, *image_size)`` with values near where [0, 1] images land after the weights'
-    normalisation (more than half that span beyond it means raw intensities; z-scored inputs
-    have no fixed range and are checked for shape only)."""
+    normalisation (more than half that span beyond it means raw intensities).  Without an
+    intensity preset (``intensity: none``) or with z-scoring, inputs have no fixed range: the
+    shape is all that is checked."""
     shape = (preprocessing["channels"], *preprocessing["image_size"])
     if images.ndim != len(shape) + 1 or tuple(images.shape[1:]) != shape:
         raise ValueError(f"logits() takes preprocessed batches of shape (B, {', '.join(map(str, shape))}), got "
                          f"{tuple(images.shape)}; use predict_array() or predict_proba() for raw images or files")
-    if preprocessing["normalization"].get("kind") == "zscore":
+    if preprocessing.get("intensity") == "none" or preprocessing["normalization"].get("kind") == "zscore":
         return
     lo, hi = expected_interval(preprocessing["normalization"])
     span = hi - lo
