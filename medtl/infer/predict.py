@@ -2,10 +2,11 @@
 
 Re-running the same command skips scans already in the output (matched by name and
 :func:`~medtl.infer.batch.quick_fingerprint`) and appends the rest.  Under ``torchrun`` each
-rank predicts its share of the scans into its own part file and rank 0 merges the parts, in input order, into the output.  With
-``tta`` each scan is also predicted shifted a few pixels, and the spread across those views
-decides the uncertainty flag; with ``cam_dir`` a Grad-CAM overlay is written per scan before
-its row, so a resumed run never lacks one.
+rank predicts its share of the scans into its own part file and rank 0 merges the parts, in
+input order, into the output.  With ``tta`` each scan is also predicted shifted a few pixels,
+and the spread across those views decides the uncertainty flag; with ``cam_dir`` a Grad-CAM
+overlay is written per scan before its row, so a resumed run never lacks one.  A scan that
+cannot be read, or whose model output is not finite, goes to the errors file; the run goes on.
 """
 
 from __future__ import annotations
