@@ -186,7 +186,7 @@ def test_cam_writes_one_overlay_per_scan(bundle, scans, tmp_path):
     assert [p.relative_to(cams).as_posix() for p in pngs] == sorted(
         f"{p.relative_to(scans).as_posix()}.png" for p in scans.rglob("*.dcm"))
     picture = np.asarray(Image.open(pngs[0]))
-    assert picture.shape == (32, 32, 3) and picture.std() > 0
+    assert picture.shape == (256, 256, 3) and picture.std() > 0  # 32 px network input, shown at 256 px
 
 
 def test_speed_options_fall_back_on_cpu(bundle, scans, tmp_path):
