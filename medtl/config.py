@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from medtl.config_errors import backbone_line, validation_lines, yaml_problem
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -191,23 +193,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data = tree.get("data")
         for key in DATA_PATHS if isinstance(data, dict) else ():
             if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
                 data[key] = str((path.resolve().parent / data[key]).resolve())
+    given: dict[str, str] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects key=value, got '{item}'")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item}: not a valid YAML value: {yaml_problem(err)}") from None
+        given[key.strip()] = raw
+        _set_dotted(tree, key.strip(), value)
     try:
         config = Config.model_validate(tree)
     except ValidationError as err:
-        where = f"{path}" if path else "config"
-        raise ConfigError(f"{where} is invalid:\n{err}") from None
+        raise ConfigError("\n".join(validation_lines(err, Config, given, path))) from None
+    bad_backbone = backbone_line(config, given, path)
+    if bad_backbone:
+        raise ConfigError(bad_backbone)
     for key in DATA_PATHS:
         value = getattr(config.data, key)
         if value is not None and not value.is_absolute():

@@ -32,7 +32,7 @@ from medtl.infer import ERROR_COLUMNS, iter_logits, write_table
 from medtl.io import ScanReadError, ScanRecord, assign_splits, read_manifest, unreadable_scans
 from medtl.metrics import OperatingPoint, choose_operating_point
 from medtl.recipe import fingerprint, resolve_recipe
-from medtl.report import write_report
+from medtl.report import run_info, write_report
 from medtl.train import (
     CHECKPOINT_FILE, FitResult, Trainer, class_weights, is_main, labelled_items, make_loader, micro_batch_size, resolve_classes,
     world_size,
@@ -498,23 +498,12 @@ def _finish(run: _Run, fitted: list[_Fitted], parts: dict[str, list[ScanRecord]]
     )
     calibration_data = (f"the pooled out-of-fold predictions ({len(cal_labels)} scans)" if folds
                         else f"the validation split ({len(cal_labels)} scans)")
-    info = {
-        "title": f"medtl training report: {mcfg.backbone}" + (f" ({training['ensemble']['kind']} ensemble)" if ensemble else ""),
-        "evaluated_on": evaluation,
-        "software": bundles.package_versions(),
-        "seed": tcfg.seed,
-        "initial_weights": mcfg.weights,
-        "backbone": mcfg.backbone,
-        "transfer_method": acfg.strategy if acfg.domain == "none" else f"{acfg.strategy} + {acfg.domain} ({len(run.targets)} unlabelled target scans)",
-        "partitions": partitions,
-        "hyperparameters": tcfg.model_dump(mode="json"),
-        "preprocessing": run.pre,
-        "model_selection": _selection_text(first, tcfg.patience) if not ensemble else
-        f"each member: best epoch by its own validation part ({first.selection}); early stopping patience {tcfg.patience}",
-        "recalibration": f"{calibrator.method} fitted on {calibration_data}",
-        "operating_point": operating_point.to_dict() if operating_point else "argmax (multi-class)",
-        "training": training,
-    }
+    selection = (_selection_text(first, tcfg.patience) if not ensemble else
+                 f"each member: best epoch by its own validation part ({first.selection}); early stopping patience {tcfg.patience}")
+    kind = f" ({training['ensemble']['kind']} ensemble)" if ensemble else ""
+    info = run_info(config, bundles.read_meta(bundle_dir), title=f"medtl training report: {mcfg.backbone}{kind}",
+                    evaluated_on=evaluation, recalibration=f"{calibrator.method} fitted on {calibration_data}",
+                    model_selection=selection)
     metrics = write_report(
         run_dir / "report",
         y_true=labels,
@@ -551,7 +540,7 @@ def evaluate(
     operating point.  Unreadable scans are listed in ``errors.csv`` and left out of the metrics.
     ``subgroups`` and ``prevalence`` default to the training run's ``report`` settings."""
     predictor = bundles.load(bundle_path, device="cuda" if torch.cuda.is_available() else "cpu")
-    records = [r for r in read_manifest(manifest) if r.label]
+    records = [r for r in read_manifest(manifest, check_files=False) if r.label]  # a missing scan is excluded and listed, as in predict
     unknown = sorted({r.label for r in records} - set(predictor.classes))
     if unknown:
         raise ValueError(f"{manifest}: labels {unknown} are not classes of the bundle {predictor.classes}")
@@ -573,23 +562,13 @@ def evaluate(
         raise ValueError(f"{manifest}: no scan could be read (see {out_dir / 'errors.csv'})")
     logits_arr = np.stack(logits)
     labels = np.array([predictor.classes.index(r.label) for r in kept])
-    meta = predictor.meta
     trained = load_config(Path(bundle_path) / BUNDLE_CONFIG)
-    info = {
-        "title": f"medtl evaluation: {meta['model']['backbone']} on {Path(manifest).name}",
-        "evaluated_on": f"{manifest} ({len(kept)} scans; {len(failures)} unreadable, left out)",
-        "software": bundles.package_versions(),
-        "bundle_versions": meta.get("versions"),
-        "initial_weights": meta["model"].get("weights"),
-        "backbone": meta["model"]["backbone"],
-        "training": meta.get("training"),
-        "seed": trained.train.seed,
-        "transfer_method": trained.adapt.strategy,
-        "hyperparameters": trained.train.model_dump(mode="json"),
-        "preprocessing": meta["preprocessing"],
-        "recalibration": f"{meta['calibration'].get('method')} (stored in the bundle, fitted on the training run's validation split)",
-        "operating_point": meta.get("operating_point") or "argmax (multi-class)",
-    }
+    info = run_info(
+        trained, predictor.meta, title=f"medtl evaluation: {predictor.meta['model']['backbone']} on {Path(manifest).name}",
+        evaluated_on=f"{manifest} ({len(kept)} scans; {len(failures)} unreadable, left out)",
+        recalibration=f"{predictor.meta['calibration'].get('method')} (stored in the bundle, fitted on the training run's validation split)",
+        excluded=len(failures),
+    )
     return write_report(
         out_dir,
         y_true=labels,

@@ -3,7 +3,16 @@
 import csv
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from medtl.backbones import create, preprocessing_for
+from medtl.bundle import save
+from medtl.calibrate import TemperatureScaling
+from medtl.config import Config, dump_config
 from medtl.io import write_synthetic
+from medtl.metrics import choose_operating_point
+from medtl.transforms import make_preprocessing
 
 
 def write_small_split(root: Path, *, patients_per_site: int, n_train: int, n_val: int) -> Path:
@@ -18,3 +27,22 @@ def write_small_split(root: Path, *, patients_per_site: int, n_train: int, n_val
         writer.writeheader()
         writer.writerows(rows)
     return root / "small.csv"
+
+
+def write_tiny_bundle(folder: Path, *, image_size: int | list[int] = 32, config: Config | None = None,
+                      training: dict | None = None, **recipe) -> Path:
+    """A ResNet-18 bundle with random weights at ``image_size`` px: temperature and threshold
+    fitted on random logits; ``config`` and ``training`` as a run would record them; ``recipe``
+    overrides preprocessing recipe entries."""
+    torch.manual_seed(0)
+    model = create("resnet18", weights="none", in_channels=1, spatial_dims=2, num_classes=2)
+    pre = make_preprocessing(spatial_dims=2, image_size=image_size, channels=1, intensity="auto", ct_window=(40, 400),
+                             normalization=preprocessing_for("resnet18", "none", in_channels=1))
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(100, 2)), rng.integers(0, 2, 100)
+    calibrator = TemperatureScaling().fit(logits, labels)
+    op = choose_operating_point(labels, calibrator.transform(logits)[:, 1], "youden")
+    spec = {"backbone": "resnet18", "in_channels": 1, "spatial_dims": 2, "num_classes": 2, "weights": "none"}
+    return save(folder, model, model_spec=spec, classes=["normal", "opacity"], positive_index=1,
+                preprocessing={**pre, **recipe}, calibrator=calibrator, operating_point=op,
+                config_yaml=dump_config(config or Config()), training=training)

@@ -9,7 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
+from medtl.bundle import load
 from medtl.cli import main
 from medtl.io import write_synthetic_3d
 from medtl.io.synthetic import write_dicom_series
@@ -93,7 +95,13 @@ def test_3d_train_evaluate_predict_end_to_end(tmp_path, fmt):
     assert names == {f"V{i:04d}" + (".nii.gz" if fmt == "nifti" else "") for i in range(16)}
     probs = np.array([[float(r["prob_lesion"]), float(r["prob_normal"])] for r in out["rows"]])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
-    assert 0.0 <= out["metrics"]["calibrated"]["auroc"]["auc"] <= 1.0
+    # evaluate's AUROC equals sklearn's on the bundle's own (unrounded) probabilities of the same volumes
+    manifest = list(csv.DictReader(open(data / "manifest.csv")))
+    predictor = load(tmp_path / "run" / "bundle")
+    positive = predictor.classes[predictor.positive_index]
+    scores = predictor.predict_proba([data / r["image"] for r in manifest])[:, predictor.positive_index]
+    expected = roc_auc_score([r["label"] == positive for r in manifest], scores)
+    assert out["metrics"]["calibrated"]["auroc"]["auc"] == pytest.approx(expected, abs=1e-6)
 
 
 def _write_adrenal(tmp_path: Path, fmt: str, n: int) -> Path:

@@ -159,8 +159,12 @@ def test_beta_keeps_its_coefficients_non_negative():
     labels = _sample(softmax(-logits, axis=1), rng)  # the scores point the wrong way
     calibrator = BetaCalibration().fit(logits, labels)
     assert calibrator.a_ >= 0 and calibrator.b_ >= 0
-    probs = calibrator.transform(np.sort(logits, axis=0))[:, 1]
-    assert np.all(np.diff(probs) >= -1e-15) or np.all(np.diff(probs[::-1]) >= -1e-15)
+    margins = np.column_stack([np.zeros(200), np.linspace(-6, 6, 200)])  # the model's score, increasing
+    probs = calibrator.transform(margins)[:, 1]
+    assert np.all(np.diff(probs) >= -1e-12)  # never reverses the model's ranking, even fitted on reversed labels
+    right_way = BetaCalibration().fit(logits, _sample(softmax(logits, axis=1), rng))
+    rising = right_way.transform(margins)[:, 1]
+    assert np.all(np.diff(rising) >= -1e-12) and rising[-1] - rising[0] > 0.9
 
 
 def test_platt_and_beta_refuse_multiclass():

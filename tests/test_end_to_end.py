@@ -32,6 +32,9 @@ def test_cli_synth_train_evaluate_predict(tmp_path):
     shift = json.loads((run / "report" / "metrics.json").read_text())["site_shift"]
     assert set(shift) == {"before", "after"} and "A vs B" in shift["after"]["proxy_a_distance"]
     assert (run / "report" / "site_shift.png").is_file()
+    html = (run / "report" / "report.html").read_text()
+    training_row = html[html.index("<td>Training run</td>"):][:400]
+    assert "not recorded" not in training_row and "best_epoch" in training_row
 
     evaluation = tmp_path / "evaluation"
     assert main(["evaluate", str(run / "bundle"), str(data / "test" / "labels.csv"), "--out", str(evaluation), "--workers", "0",

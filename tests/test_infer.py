@@ -12,16 +12,12 @@ import pytest
 import torch
 
 from medtl import pipeline
-from medtl.backbones import create, preprocessing_for
-from medtl.bundle import load, save
+from medtl.bundle import load
 from medtl.bundle.runtime import CompiledOrEager, amp_dtype
-from medtl.calibrate import TemperatureScaling
-from medtl.config import Config, dump_config
 from medtl.infer import auto_batch_size, predict_scans, read_rows
 from medtl.infer.tta import views
 from medtl.io.synthetic import chest_phantom, write_dicom
-from medtl.metrics import choose_operating_point
-from medtl.transforms import make_preprocessing
+from helpers import write_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 N_SCANS = 12
@@ -30,18 +26,7 @@ N_SCANS = 12
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """A ResNet-18 bundle with random weights at 32 px: temperature and threshold fitted on random logits."""
-    torch.manual_seed(0)
-    model = create("resnet18", weights="none", in_channels=1, spatial_dims=2, num_classes=2)
-    pre = make_preprocessing(spatial_dims=2, image_size=32, channels=1, intensity="auto", ct_window=(40, 400),
-                             normalization=preprocessing_for("resnet18", "none", in_channels=1))
-    rng = np.random.default_rng(0)
-    logits, labels = rng.normal(size=(100, 2)), rng.integers(0, 2, 100)
-    calibrator = TemperatureScaling().fit(logits, labels)
-    op = choose_operating_point(labels, calibrator.transform(logits)[:, 1], "youden")
-    spec = {"backbone": "resnet18", "in_channels": 1, "spatial_dims": 2, "num_classes": 2, "weights": "none"}
-    return save(tmp_path_factory.mktemp("bundle"), model, model_spec=spec, classes=["normal", "opacity"],
-                positive_index=1, preprocessing=pre, calibrator=calibrator, operating_point=op,
-                config_yaml=dump_config(Config()))
+    return write_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 def _write_scans(folder: Path, n: int) -> list[Path]:
@@ -201,7 +186,7 @@ def test_cam_writes_one_overlay_per_scan(bundle, scans, tmp_path):
     assert [p.relative_to(cams).as_posix() for p in pngs] == sorted(
         f"{p.relative_to(scans).as_posix()}.png" for p in scans.rglob("*.dcm"))
     picture = np.asarray(Image.open(pngs[0]))
-    assert picture.shape == (32, 32, 3) and picture.std() > 0
+    assert picture.shape == (256, 256, 3) and picture.std() > 0  # 32 px network input, shown at 256 px
 
 
 def test_speed_options_fall_back_on_cpu(bundle, scans, tmp_path):

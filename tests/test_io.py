@@ -204,5 +204,5 @@ def test_every_synthetic_format_loads_to_the_same_orientation(tmp_path):
     assert all(tuple(x.shape) == (1, 32, 32) for x in images)
     # the spine (bright, centred column) and dark lungs either side: same layout in every format
     for x in images:
-        column = x[0].mean(dim=1)  # mean over rows for each x position
+        column = x[0].mean(dim=0)  # (rows, columns) as displayed: the mean down each column
         assert column[15:17].mean() > column[8:10].mean() and column[15:17].mean() > column[22:24].mean()

@@ -261,3 +261,49 @@ def test_stated_prevalence_adds_bayes_ppv_and_npv(tmp_path):
     without = summarize(y_true=y, probs_uncalibrated=p_unc, probs_calibrated=p_cal, class_names=["n", "p"], positive_index=1,
                         operating_point=op, groups=None, info={}, n_resamples=100)
     assert without["calibrated"]["threshold_metrics"]["ppv_at_prevalence"] is None
+
+
+def test_confusion_title_is_never_cut_off(tmp_path, monkeypatch):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from medtl.report import plots
+
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), save(fig, path))[1])
+    confusion = {"matrix": [[40, 3], [5, 52]], "labels": ["normal", "opacity"]}
+    plots.confusion_plot(tmp_path / "c.png", confusion, title="Confusion matrix (at the operating point)")
+    (fig,) = figures
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.tight_layout()
+    title = fig.axes[0].title.get_window_extent(renderer)
+    assert title.x0 >= 0 and title.x1 <= fig.bbox.x1 and title.y1 <= fig.bbox.y1
+
+
+def test_unset_optional_settings_are_grey_and_missing_items_red(tmp_path):
+    y, p_unc, p_cal, _ = _binary_data()
+    info = {**INFO, "hyperparameters": {"lr": 0.001, "head_lr": None}, "preprocessing": {"target_spacing": None}}
+    write_report(tmp_path, y_true=y, probs_uncalibrated=p_unc, probs_calibrated=p_cal, class_names=["normal", "opacity"],
+                 positive_index=1, operating_point=None, groups=None, info=info, title="t", n_resamples=100)
+    html = (tmp_path / "report.html").read_text()
+    assert '<b>head_lr</b>: <span class="unset">not set</span>' in html
+    assert '<b>target_spacing</b>: <span class="unset">not set</span>' in html
+    row = html[html.index("<td>Selection of the final model</td>"):][:200]
+    assert '<span class="missing">not recorded</span>' in row  # a checklist item the run did not record stays red
+
+
+def test_report_info_is_built_once_and_names_the_adaptation(tmp_path):
+    """The training and the evaluation report take their facts from one builder: an AdaBN bundle's
+    evaluation says AdaBN, and both fill the checklist's training run."""
+    from helpers import write_tiny_bundle
+
+    from medtl.bundle import read_meta
+    from medtl.config import Config
+    from medtl.report import run_info
+
+    config = Config.model_validate({"adapt": {"domain": "adabn"}, "train": {"seed": 5}})
+    training = {"best_epoch": 3, "epochs_run": 5, "adaptation": {"strategy": "full", "domain": "adabn", "target_scans": 12}}
+    meta = read_meta(write_tiny_bundle(tmp_path / "bundle", config=config, training=training))
+    info = run_info(config, meta, title="t", evaluated_on="x", recalibration="platt")
+    assert info["transfer_method"] == "full + adabn (12 unlabelled target scans)"
+    assert info["training"]["best_epoch"] == 3 and info["seed"] == 5 and info["backbone"] == "resnet18"

@@ -36,7 +36,7 @@ def messy(tmp_path):
 
 
 def test_inventory_rows_and_problems(messy):
-    rows = {r["path"].removeprefix(str(messy) + "/"): r for r in inventory(messy, workers=4)}
+    rows = {r["image"].removeprefix(str(messy) + "/"): r for r in inventory(messy, workers=4)}
     assert set(rows) == {"good", "gap", "two", "cxr/pa.dcm", "cxr/broken.dcm", "report.dcm"}
     good = rows["good"]
     assert (good["kind"], good["modality"], good["dimensions"], good["spacing"], good["slices"]) == (
@@ -54,7 +54,7 @@ def test_scan_cli_writes_inventory_without_patient_identifiers(messy, tmp_path, 
     assert main(["scan", str(messy), "--out", str(out)]) == 0
     printed = capsys.readouterr()
     text = out.read_text()
-    assert list(csv.DictReader(open(out)))[0].keys() >= {"path", "kind", "modality", "dimensions", "spacing", "slices",
+    assert list(csv.DictReader(open(out)))[0].keys() >= {"image", "kind", "modality", "dimensions", "spacing", "slices",
                                                          "transfer_syntax", "problems"}
     for marker in IDENTIFIERS:
         assert marker not in text and marker not in printed.out and marker not in printed.err, marker

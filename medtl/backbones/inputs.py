@@ -35,7 +35,8 @@ def normalize(x: torch.Tensor, recipe: Mapping[str, Any]) -> torch.Tensor:
     return (x - _per_channel(recipe["mean"], x)) / _per_channel(recipe["std"], x)
 
 
-def _expected_interval(recipe: Mapping[str, Any]) -> tuple[float, float]:
+def expected_interval(recipe: Mapping[str, Any]) -> tuple[float, float]:
+    """Where [0, 1] images land after ``recipe`` (zscore: a generous [-5, 5])."""
     kind = recipe.get("kind", "range" if "range" in recipe else "mean_std")
     if kind == "range":
         lo, hi = recipe["range"]
@@ -53,7 +54,7 @@ def check_batch(x: torch.Tensor, recipe: Mapping[str, Any]) -> str | None:
     The expected interval is where [0, 1] images land after the recipe; the batch is flagged when
     it reaches more than half that span beyond it, or covers less than 2 % of it.
     """
-    lo, hi = _expected_interval(recipe)
+    lo, hi = expected_interval(recipe)
     span = hi - lo
     found_lo, found_hi = float(x.min()), float(x.max())
     if found_lo < lo - span / 2 or found_hi > hi + span / 2 or found_hi - found_lo < 0.02 * span:

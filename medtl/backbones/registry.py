@@ -9,6 +9,7 @@ every entry) and, for each, the input normalisation the weights were trained wit
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,15 +205,27 @@ def timm_name(name: str) -> str:
     return _TIMM[name][0]
 
 
+class BackboneError(KeyError, ValueError):
+    """A backbone name or weight source the registry does not have (a ``KeyError`` for lookups,
+    a ``ValueError`` for bad input; printed as the plain message)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def get_spec(name: str, spatial_dims: int | None = None) -> BackboneSpec:
     """The registry entry for ``name`` in ``spatial_dims`` (default: 2D where it exists)."""
     dims = [d for n, d in REGISTRY if n == name]
     if not dims:
-        raise KeyError(f"unknown backbone '{name}'; known: {', '.join(list_backbones())}")
+        known = list_backbones(spatial_dims)
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        raise BackboneError(f"unknown backbone '{name}'; {hint}(known{f' in {spatial_dims}D' if spatial_dims else ''}: "
+                            f"{', '.join(known)})")
     if spatial_dims is None:
         spatial_dims = min(dims)
     if (name, spatial_dims) not in REGISTRY:
-        raise KeyError(f"backbone '{name}' is not built in {spatial_dims}D (only {sorted(dims)}D)")
+        raise BackboneError(f"backbone '{name}' is not built in {spatial_dims}D (only {sorted(dims)}D)")
     return REGISTRY[name, spatial_dims]
 
 
@@ -245,7 +258,7 @@ def preprocessing_for(name: str, weights: str, *, in_channels: int = 1) -> dict[
         if entry_name == name and source in spec.sources:
             return spec.sources[source].for_channels(in_channels)
     get_spec(name)  # unknown names raise here with the list of known ones
-    raise KeyError(f"backbone '{name}' has no '{source}' weights; sources: {_sources_of(name)}")
+    raise BackboneError(f"backbone '{name}' has no '{source}' weights; sources: {_sources_of(name)}")
 
 
 def _sources_of(name: str) -> str:

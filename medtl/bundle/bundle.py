@@ -26,10 +26,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medtl.backbones import Ensemble, create
+from medtl.bundle.api import ScanAPI, check_preprocessed
 from medtl.bundle.reference import FeatureReference, read_reference
 from medtl.bundle.runtime import CompiledOrEager, amp_dtype, uses_channels_last
 from medtl.calibrate import calibrator_from_dict
 from medtl.metrics import OperatingPoint
+from medtl.train.trainer import resolve_device
 from medtl.transforms import build_transforms
 
 FORMAT = "medtl-bundle/1"
@@ -102,11 +104,13 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-class Predictor:
+class Predictor(ScanAPI):
     """A loaded bundle: preprocessing, model, calibration and decision rule in one object.
 
-    >>> predictor = medtl.bundle.load("runs/demo/bundle")
+    >>> predictor = medtl.bundle.load("runs/demo/bundle", device="auto")
     >>> probs = predictor.predict_proba(["scan1.dcm", "scan2.nii.gz"])
+    >>> names = predictor.predict("scan1.dcm")
+    >>> probs = predictor.predict_array(dicom.pixel_array, spacing=(0.14, 0.14))
     """
 
     def __init__(self, model: torch.nn.Module, meta: Mapping[str, Any], device: torch.device) -> None:
@@ -140,7 +144,9 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> np.ndarray:
-        """Raw logits for a preprocessed batch ``(B, C, *spatial)``."""
+        """Raw logits for a batch the bundle's preprocessing made, ``(B, C, *image_size)``
+        (raw images go through :meth:`predict_array`; this refuses them)."""
+        check_preprocessed(images, self.preprocessing)
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -160,18 +166,10 @@ class Predictor:
             return np.where(positive, self.positive_index, 1 - self.positive_index)
         return probs.argmax(axis=1)
 
-    def predict_proba(self, paths: list[str | Path], *, batch_size: int = 16) -> np.ndarray:
-        """Calibrated probabilities for scan files (research-code convenience; errors raise)."""
-        chain = self.transforms()
-        rows = []
-        for start in range(0, len(paths), batch_size):
-            batch = torch.stack([chain({"image": str(p)})["image"] for p in paths[start : start + batch_size]])
-            rows.append(self.calibrate(self.logits(batch)))
-        return np.concatenate(rows) if rows else np.empty((0, len(self.classes)))
-
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
-    """Load a bundle folder into a ready :class:`Predictor`."""
+    """Load a bundle folder into a ready :class:`Predictor` on ``device`` (``"auto"``: this
+    process's GPU when there is one, else the CPU)."""
     path = Path(path)
     meta = read_meta(path)
     spec = meta["model"]
@@ -187,6 +185,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
     missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
     if missing or unexpected:
         raise BundleError(f"{weights} does not match backbone {spec['backbone']}: missing {missing}, unexpected {unexpected}")
-    predictor = Predictor(model, meta, torch.device(device))
+    predictor = Predictor(model, meta, resolve_device(device))
     predictor.reference = read_reference(path)
     return predictor

@@ -6,6 +6,9 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
+
+from medtl import __version__
 
 # Each name is a module ``medtl.cli.<name>`` exposing ``register(subparsers)``; the order is
 # the order ``medtl --help`` lists them in.
@@ -17,16 +20,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medtl",
         description="Transfer learning for medical imaging: train, calibrate, evaluate and deploy scan classifiers.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="More log output.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logs from medtl, and the traceback of an error.")
+    parser.add_argument("--version", action="version", version=f"medtl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"medtl.cli.{name}").register(sub)
+    for command in sub.choices.values():  # -v also after the command; SUPPRESS keeps one given before it
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    """INFO for everything; with ``verbose``, DEBUG for medtl's own loggers only (third-party
+    DEBUG output, e.g. pylibjpeg's per-frame lines, would drown it)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("medtl").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -34,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, OSError) as err:  # bad input: configs, manifests, scans, bundles, weights, files
         if args.verbose:
-            raise
-        print(f"error: {err}\n(run with -v for the traceback)", file=sys.stderr)
+            traceback.print_exc()
+        lines = str(err).splitlines() or [type(err).__name__]
+        print("\n".join(f"error: {line}" if i == 0 or not line.startswith(" ") else line for i, line in enumerate(lines)),
+              file=sys.stderr)
+        if not args.verbose:
+            print("(run with -v for the traceback)", file=sys.stderr)
         return 2

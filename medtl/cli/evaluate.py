@@ -36,7 +36,26 @@ def run(args: argparse.Namespace) -> int:
     subgroups = None if args.subgroups is None else [c.strip() for c in args.subgroups.split(",") if c.strip()]
     if args.prevalence is not None and not 0 < args.prevalence < 1:
         raise ValueError(f"--prevalence must be between 0 and 1, got {args.prevalence}")
-    evaluate(args.bundle, args.manifest, args.out, batch_size=args.batch_size, num_workers=args.workers, subgroups=subgroups,
-             prevalence=args.prevalence)
+    summary = evaluate(args.bundle, args.manifest, args.out, batch_size=args.batch_size, num_workers=args.workers,
+                       subgroups=subgroups, prevalence=args.prevalence)
+    print(headline(summary))
+    excluded = summary["info"].get("excluded", 0)
+    print(f"excluded {excluded} scans" + (f" (reasons: {args.out / 'errors.csv'})" if excluded else ""))
     print(f"report: {args.out / 'report.html'}")
     return 0
+
+
+def headline(summary: dict) -> str:
+    """AUROC with its CI and, for binary bundles, sensitivity and specificity at the threshold."""
+    cal = summary["calibrated"]
+    auroc = cal["auroc"]
+    if auroc.get("auc") is None:
+        text = "AUROC not estimable (one class only)"
+    else:
+        text = f"AUROC {auroc['auc']:.4f} (95% CI {auroc['ci'][0]:.4f}-{auroc['ci'][1]:.4f})"
+    tm = cal.get("threshold_metrics")
+    if tm:
+        parts = [f"{name} {tm[key]['value']:.1%} ({tm[key]['numerator']}/{tm[key]['denominator']})"
+                 for key, name in (("sensitivity", "sensitivity"), ("specificity", "specificity")) if tm[key]["value"] is not None]
+        text += f"; at threshold {summary['conventions']['threshold']:.4f}: " + ", ".join(parts)
+    return f"{text}; {summary['n']} scans evaluated"

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and the run ends with a folder-level shift verdict with a p-value, also in <out stem>.summary.json.",
     )
     p.add_argument("bundle", type=Path, help="Bundle folder written by 'medtl train'.")
-    p.add_argument("input", type=Path, help="Folder (searched recursively for DICOM, NIfTI, PNG, JPEG) or manifest CSV.")
+    p.add_argument("input", type=Path, help="Folder (searched recursively for DICOM, NIfTI, PNG, JPEG) or a CSV with an image column "
+                   "(a manifest, labels not needed, or the inventory of 'medtl scan --out').")
     p.add_argument("--out", type=Path, required=True, help="Output file (.csv, or .jsonl with --format jsonl).")
     p.add_argument("--format", choices=OUTPUT_FORMATS, default=None, help="Output format (default: from the --out suffix, else csv).")
     p.add_argument("--batch-size", type=_batch_size, default="auto",

@@ -12,8 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "scan",
         help="Inventory a folder of scans: series, sizes, spacing, problems.",
         description="Walk INPUT_DIR and list one row per DICOM series (grouped by study and series UID) or scan file: "
-        "path, kind, modality, dimensions, spacing, slices or frames, transfer syntax, and the problems the reader "
-        "would meet (two series in one folder, missing slices, no pixel data, missing decoder, unreadable files). "
+        "image (the path; in the CSV relative to its folder, so 'medtl predict' takes the inventory as input), kind, "
+        "modality, dimensions, spacing, slices or frames, transfer syntax, and the problems the reader would meet "
+        "(two series in one folder, missing slices, no pixel data, missing decoder, unreadable files). "
         "Reads headers only, in parallel; writes no patient identifiers.",
     )
     p.add_argument("input_dir", type=Path, help="Folder to scan (recursively; hidden files skipped).")
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     flagged = [r for r in rows if r["problems"]]
     print(f"{len(rows)} scans under {args.input_dir}: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     for row in flagged[:20]:
-        print(f"  {row['path']}: {row['problems']}")
+        print(f"  {row['image']}: {row['problems']}")
     if len(flagged) > 20:
         print(f"  ... and {len(flagged) - 20} more with problems")
     if args.out:

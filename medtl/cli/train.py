@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -69,17 +70,24 @@ def _summary(outcome) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from medtl.pipeline import train
+    from medtl.train import CHECKPOINT_FILE
     from medtl.train.distributed import broadcast, distributed_session, is_main
 
     ensemble = [f"train.folds={args.folds}"] * (args.folds is not None) + [f"train.seeds={args.seeds}"] * (args.seeds is not None)
     config = load_config(args.config, [*args.overrides, *ensemble])
     if args.resume is not None and args.out is not None and args.out.resolve() != args.resume.resolve():
-        raise SystemExit("medtl train: give --resume RUN_DIR or --out RUN_DIR, not two different folders")
+        raise ValueError("give --resume RUN_DIR or --out RUN_DIR, not two different folders")
     with distributed_session():
         if not is_main():  # one voice in the terminal: rank 0's
             logging.getLogger().setLevel(logging.WARNING)
         out = args.resume or args.out or Path("runs") / broadcast(f"{args.config.stem if args.config else 'train'}-{time.strftime('%Y%m%d-%H%M%S')}")
-        outcome = train(config, out, resume=args.resume is not None)
+        new_folder = not out.exists()
+        try:
+            outcome = train(config, out, resume=args.resume is not None)
+        except (ValueError, OSError):
+            if new_folder and is_main() and not (out / CHECKPOINT_FILE).exists() and not (out / "members").exists():
+                shutil.rmtree(out, ignore_errors=True)  # refused before training: leave no half-made run folder
+            raise
     if outcome is not None:  # rank 0 (or a single process)
         print(_summary(outcome))
     return 0

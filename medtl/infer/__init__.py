@@ -5,11 +5,11 @@ from medtl.infer.batch import (
     Batch,
     ScanResult,
     default_workers,
-    fingerprint,
     gather_inputs,
     iter_batches,
     iter_logits,
     load_batches,
+    quick_fingerprint,
 )
 from medtl.infer.cam import CamWriter
 from medtl.infer.predict import ERROR_COLUMNS, PredictSummary, predict_scans, uncertain
@@ -26,12 +26,12 @@ __all__ = [
     "ScanResult",
     "auto_batch_size",
     "default_workers",
-    "fingerprint",
     "gather_inputs",
     "iter_batches",
     "iter_logits",
     "load_batches",
     "predict_scans",
+    "quick_fingerprint",
     "read_rows",
     "tta_logits",
     "tta_probabilities",

@@ -30,9 +30,12 @@ class ScanResult:
     error: str | None = None
 
 
-def fingerprint(path: str | Path) -> str:
-    """A cheap content fingerprint of a scan file or series folder: size plus the first and
-    last 64 KiB of every file, hashed.  Changes when a scan is replaced, not when it is copied."""
+def quick_fingerprint(path: str | Path) -> str:
+    """A quick fingerprint of a scan file or series folder, not a hash of the whole content:
+    each file's name, size and first and last 64 KiB, hashed (BLAKE2b, 80 bits).  It changes
+    when a scan is replaced or rewritten, but not for an edit inside a large file that keeps its
+    size, head and tail; it costs two reads per file whatever the size, which keeps checking
+    what a resumed run has done cheap on large DICOM series."""
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     digest = hashlib.blake2b(digest_size=10)
@@ -83,6 +86,16 @@ def _collate(items: list[dict]) -> Batch:
     )
 
 
+NON_FINITE_OUTPUT = "the model's output is NaN or infinite for this scan"
+
+
+def split_finite(paths: Sequence[str], logits: np.ndarray) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Which rows of a batch's logits (``(B, C)`` or ``(B, views, C)``) are finite, and
+    ``(path, reason)`` for the others, so one bad output costs one row, not the run."""
+    keep = np.isfinite(logits.reshape(len(logits), -1)).all(axis=1)
+    return keep, [(path, NON_FINITE_OUTPUT) for path, ok in zip(paths, keep) if not ok]
+
+
 def default_workers(device: torch.device) -> int:
     """Decode processes for ``device``: on a GPU, enough cores to keep it fed (up to 8); on the
     CPU, a quarter of the cores (at least one), since every decode worker takes a core from the
@@ -121,18 +134,22 @@ def iter_batches(
     num_workers: int | None = None,
     forward: Callable[[torch.Tensor], np.ndarray] | None = None,
 ) -> Iterator[list[ScanResult]]:
-    """Yield the results of each batch of scans: failures first, then logits in input order.
+    """Yield the results of each batch of scans: failures first (unreadable scans, then
+    non-finite outputs), then logits in input order.
 
     Workers decode and preprocess the next batches while the model runs on this one.
     ``forward`` maps a batch to its logits (default :meth:`Predictor.logits`)."""
     forward = forward or predictor.logits
     for batch in load_batches(predictor, paths, batch_size=batch_size, num_workers=num_workers):
-        results = [ScanResult(path, error=reason) for path, reason in batch.failed]
-        for path, reason in batch.failed:
-            log.warning("skipped %s: %s", path, reason)
+        failed, good = list(batch.failed), []
         if batch.images is not None:
-            results += [ScanResult(p, logits=row) for p, row in zip(batch.paths, forward(batch.images))]
-        yield results
+            logits = forward(batch.images)
+            keep, bad = split_finite(batch.paths, logits)
+            failed += bad
+            good = [ScanResult(p, logits=row) for p, row, ok in zip(batch.paths, logits, keep) if ok]
+        for path, reason in failed:
+            log.warning("skipped %s: %s", path, reason)
+        yield [ScanResult(path, error=reason) for path, reason in failed] + good
 
 
 def iter_logits(predictor: Predictor, paths: Sequence[str | Path], **kwargs) -> Iterator[ScanResult]:
@@ -145,11 +162,15 @@ def gather_inputs(source: str | Path) -> tuple[list[str], Path]:
     """The scans to predict and the folder their names are written relative to.
 
     ``source`` is a folder (searched recursively for DICOM, NIfTI, PNG and JPEG; a multi-file
-    DICOM series is one scan) or a manifest CSV.
+    DICOM series is one scan) or a CSV with an ``image`` column (a manifest, labels optional, or
+    the inventory ``medtl scan`` writes).  Finding no scan at all is an error, not an empty run.
     """
     source = Path(source)
     if source.is_dir():
-        return [str(scan.path) for scan in find_scans(source)], source
+        paths, root = [str(scan.path) for scan in find_scans(source)], source
+        if not paths:
+            raise ValueError(f"{source}: no scans found (DICOM, NIfTI .nii/.nii.gz, PNG/JPEG/BMP/TIFF)")
+        return paths, root
     if source.is_file() and source.suffix.lower() == ".csv":
-        return [str(r.image) for r in read_manifest(source, check_files=False)], source.parent
+        return [str(r.image) for r in read_manifest(source, check_files=False, require_label=False)], source.parent
     raise FileNotFoundError(f"{source}: expected a folder of scans or a manifest .csv")

@@ -16,8 +16,10 @@ from monai.visualize import GradCAM
 from PIL import Image
 
 from medtl.bundle import Predictor
+from medtl.transforms import DISPLAY_LAYOUT
 
 ALPHA = 0.4
+MIN_SIDE = 256  # overlays are upsampled to at least this many pixels on their shorter side
 
 
 def _unit_range(maps: torch.Tensor) -> np.ndarray:
@@ -32,11 +34,16 @@ def _middle_slice(volume: np.ndarray) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """An RGB uint8 picture: the grey image under the jet-coloured heat map (both 2D)."""
+    """An RGB uint8 picture: the grey image under the jet-coloured heat map (both 2D, rows x
+    columns), upsampled to at least ``MIN_SIDE`` pixels on its shorter side."""
     span = np.ptp(image)
     grey = (image - image.min()) / span if span > 0 else np.zeros_like(image)
     rgb = (1 - ALPHA) * grey[..., None] + ALPHA * colormaps["jet"](heat)[..., :3]
-    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+    picture = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    scale = max(1.0, MIN_SIDE / min(picture.size))
+    if scale > 1:
+        picture = picture.resize((round(picture.width * scale), round(picture.height * scale)), Image.Resampling.BILINEAR)
+    return np.asarray(picture)
 
 
 class CamWriter:
@@ -59,6 +66,9 @@ class CamWriter:
         self.cams = [GradCAM(nn_module=m, target_layers=f"backbone.{spec.cam_layer}", postprocessing=_unit_range) for m in members]
         self.predictor = predictor
         self.out_dir = Path(out_dir)
+        pre = predictor.preprocessing
+        # bundles from before the display layout feed 2D images as (columns, rows): turn them back to show them
+        self.transpose = pre["spatial_dims"] == 2 and pre.get("layout") != DISPLAY_LAYOUT
 
     def path(self, name: str) -> Path:
         """Where the overlay of the scan called ``name`` goes (a name's folders are kept)."""
@@ -79,4 +89,7 @@ class CamWriter:
         for name, image, heat in zip(names, images.cpu().numpy(), maps):
             target = self.path(name)
             target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(overlay(_middle_slice(image[0]), _middle_slice(heat[0]))).save(target)
+            image, heat = _middle_slice(image[0]), _middle_slice(heat[0])
+            if self.transpose:
+                image, heat = image.T, heat.T
+            Image.fromarray(overlay(image, heat)).save(target)

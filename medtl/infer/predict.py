@@ -1,11 +1,12 @@
 """``medtl predict``: calibrated predictions for many scans, resumable and sharded.
 
-Re-running the same command skips scans already in the output (matched by name and content
-fingerprint) and appends the rest.  Under ``torchrun`` each rank predicts its share of the scans
-into its own part file and rank 0 merges the parts, in input order, into the output.  With
-``tta`` each scan is also predicted shifted a few pixels, and the spread across those views
-decides the uncertainty flag; with ``cam_dir`` a Grad-CAM overlay is written per scan before
-its row, so a resumed run never lacks one.
+Re-running the same command skips scans already in the output (matched by name and
+:func:`~medtl.infer.batch.quick_fingerprint`) and appends the rest.  Under ``torchrun`` each
+rank predicts its share of the scans into its own part file and rank 0 merges the parts, in
+input order, into the output.  With ``tta`` each scan is also predicted shifted a few pixels,
+and the spread across those views decides the uncertainty flag; with ``cam_dir`` a Grad-CAM
+overlay is written per scan before its row, so a resumed run never lacks one.  A scan that
+cannot be read, or whose model output is not finite, goes to the errors file; the run goes on.
 
 When the bundle holds a feature reference (``reference.safetensors``), each row also gets an
 out-of-distribution score (``ood_distance``, Mahalanobis to the nearest class mean of the
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from medtl.bundle import Predictor
 from medtl.bundle.reference import LEVEL, Reservoir, scan_features
 from medtl.infer.autobatch import auto_batch_size
-from medtl.infer.batch import fingerprint, gather_inputs, load_batches
+from medtl.infer.batch import gather_inputs, load_batches, quick_fingerprint, split_finite
 from medtl.infer.cam import CamWriter
 from medtl.infer.table import ResultTable, read_rows, write_table
 from medtl.infer.tta import tta_logits, tta_probabilities
@@ -76,9 +77,17 @@ def _rank_world() -> tuple[int, int]:
 
 def _display_name(path: str, root: Path) -> str:
     try:
-        return str(Path(path).resolve().relative_to(root.resolve()))
+        return str(Path(os.path.realpath(path)).relative_to(os.path.realpath(root)))  # realpath: a symlink loop is a name too
     except ValueError:
         return path
+
+
+def _fingerprint(path: str) -> str:
+    """The scan's quick fingerprint, or "" when it cannot be read (the reader then says why)."""
+    try:
+        return quick_fingerprint(path)
+    except OSError:
+        return ""
 
 
 def _part(path: Path, rank: int, world: int) -> Path:
@@ -152,7 +161,7 @@ def predict_scans(
 
     todo, skipped = [], 0
     for index in range(rank, len(paths), world):
-        key = (names[index], fingerprint(paths[index]) if Path(paths[index]).exists() else "")
+        key = (names[index], _fingerprint(paths[index]))
         if key in done:
             skipped += 1
         else:
@@ -169,19 +178,25 @@ def predict_scans(
     with tqdm(total=len(todo), desc=f"predicting (rank {rank})" if world > 1 else "predicting", unit="scan",
               disable=not progress, position=rank) as bar:
         for batch in load_batches(predictor, [p for p, _ in todo], batch_size=int(batch_size), num_workers=num_workers):
-            for path, reason in batch.failed:
-                log.warning("skipped %s: %s", _display_name(path, root), reason)
-                failures.append((_display_name(path, root), reason))
+            failed, bar_step = list(batch.failed), len(batch.paths) + len(batch.failed)
             if batch.images is not None:
-                good = [_display_name(p, root) for p in batch.paths]
-                if cams is not None:
-                    cams.write(good, batch.images)
-                features = scan_features(predictor, batch.images) if check else None
+                logits = forward(batch.images)
+                keep, bad = split_finite(batch.paths, logits)
+                failed += bad
+                paths_ok = [p for p, ok in zip(batch.paths, keep) if ok]
+                good = [_display_name(p, root) for p in paths_ok]
+                if good and cams is not None:
+                    cams.write(good, batch.images[torch.as_tensor(keep)])
+                features = scan_features(predictor, batch.images[torch.as_tensor(keep)]) if check and good else None
                 if features is not None:
                     sample.add(features)
-                table.append(_rows(predictor, good, forward(batch.images), uncertain_band, [fingerprints[p] for p in batch.paths],
-                                   features))
-            bar.update(len(batch.paths) + len(batch.failed))
+                if good:
+                    table.append(_rows(predictor, good, logits[keep], uncertain_band, [fingerprints[p] for p in paths_ok],
+                                       features))
+            for path, reason in failed:
+                log.warning("skipped %s: %s", _display_name(path, root), reason)
+                failures.append((_display_name(path, root), reason))
+            bar.update(bar_step)
 
     errors_path = out.with_name(out.stem + ".errors.csv")
     write_table(_part(errors_path, rank, world), ERROR_COLUMNS, [dict(zip(ERROR_COLUMNS, f)) for f in failures])

@@ -59,7 +59,7 @@ class ResultTable:
         if self.fmt != "csv":
             return ""
         buffer = io.StringIO()
-        csv.writer(buffer).writerow(self.columns)
+        csv.writer(buffer, lineterminator="\n").writerow(self.columns)
         return buffer.getvalue()
 
     def _write(self, text: str) -> None:
@@ -75,7 +75,7 @@ class ResultTable:
             return
         buffer = io.StringIO()
         if self.fmt == "csv":
-            csv.DictWriter(buffer, fieldnames=self.columns).writerows(rows)
+            csv.DictWriter(buffer, fieldnames=self.columns, lineterminator="\n").writerows(rows)
         else:
             buffer.writelines(json.dumps({c: row[c] for c in self.columns}) + "\n" for row in rows)
         self._write(buffer.getvalue())

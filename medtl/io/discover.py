@@ -39,14 +39,30 @@ def _series_key(path: Path) -> tuple[str, bool] | None:
     return str(getattr(ds, "SeriesInstanceUID", "")), "ImagePositionPatient" in ds
 
 
+def list_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """The files under ``root`` (recursively, sorted; hidden ones skipped), and the symbolic
+    links that lead nowhere (broken, or a loop), which a walk would otherwise pass over silently."""
+    files, broken = [], []
+    for p in sorted(root.rglob("*")):
+        if any(part.startswith(".") for part in p.relative_to(root).parts):
+            continue
+        if p.is_file():
+            files.append(p)
+        elif p.is_symlink() and not p.exists():
+            broken.append(p)
+    return files, broken
+
+
 def find_scans(root: str | Path, *, workers: int = 8, progress: bool = False) -> list[FoundScan]:
-    """Every scan under ``root`` (recursively; hidden files skipped), sorted by path."""
+    """Every scan under ``root`` (recursively; hidden files skipped), sorted by path.  Symbolic
+    links that lead nowhere are listed as ``unreadable``, so that the reader says why."""
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files, broken = list_files(root)
     kinds = {f: scan_kind(f) for f in files}
     scans = [FoundScan(f, k) for f, k in kinds.items() if k in ("nifti", "image")]
+    scans += [FoundScan(link, "unreadable") for link in broken]
     dicom = [f for f, k in kinds.items() if k == "dicom"]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         keys = list(tqdm(pool.map(_series_key, dicom), total=len(dicom), desc="reading DICOM headers", unit="file", disable=not progress))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,9 +31,10 @@ from pydicom.filereader import read_partial
 from tqdm.auto import tqdm
 
 from medtl.io.dicom import decoder_hint, describe, float_values, is_image
+from medtl.io.discover import list_files
 from medtl.io.readers import scan_kind
 
-COLUMNS = ("path", "kind", "modality", "dimensions", "spacing", "slices", "transfer_syntax", "series", "files", "problems")
+COLUMNS = ("image", "kind", "modality", "dimensions", "spacing", "slices", "transfer_syntax", "series", "files", "problems")
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 
 
@@ -144,7 +146,7 @@ def _fmt(values: Iterable[float]) -> str:
 def _row(path: Path, kind: str, first: Header, *, shape=None, spacing=None, slices: int = 1, files: int = 1,
          problems: Sequence[str] = ()) -> dict:
     return {
-        "path": str(path),
+        "image": str(path),
         "kind": kind,
         "modality": first.modality,
         "dimensions": " x ".join(str(s) for s in (shape or first.shape)),
@@ -217,36 +219,35 @@ def _dicom_rows(headers: list[Header]) -> list[dict]:
     return rows
 
 
-def _walk(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
-
-
 def inventory(root: str | Path, *, workers: int = 8, progress: bool = False) -> list[dict]:
     """One row per series or scan file under ``root`` (see the module doc), sorted by path."""
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder")
-    files = _walk(root)
+    files, broken = list_files(root)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         headers = list(tqdm(pool.map(read_file_header, files), total=len(files), desc="reading headers", unit="file",
                             disable=not progress))
     found = [h for h in headers if h is not None]
+    found += [Header(link, "unreadable", error="a broken symbolic link or a symbolic link loop") for link in broken]
     rows = _dicom_rows([h for h in found if h.kind == "dicom"])
     for h in found:
         if h.kind != "dicom":
             rows.append(_row(h.path, h.kind if not h.error else "unreadable", h,
                              slices=h.shape[2] if len(h.shape) > 2 else 1, problems=[h.error] if h.error else h.problems))
-    return sorted(rows, key=lambda r: r["path"])
+    return sorted(rows, key=lambda r: r["image"])
 
 
 def write_inventory(rows: Sequence[dict], out: str | Path) -> Path:
-    """Write inventory rows as CSV."""
+    """Write inventory rows as CSV, each ``image`` relative to the CSV's folder as in a manifest,
+    so that the inventory is an input ``medtl predict`` takes as it is."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    base = out.resolve().parent
     with open(out, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**row, "image": os.path.relpath(Path(row["image"]).resolve(), base)} for row in rows)
     return out
 
 

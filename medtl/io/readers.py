@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 
+import torch
 from monai.config import KeysCollection
 from monai.data import ImageReader, NibabelReader, PILReader
 from monai.transforms import LoadImage, MapTransform
@@ -69,7 +70,7 @@ class ScanReader(ImageReader):
     def read(self, data, **kwargs):
         path = Path(data[0] if isinstance(data, (list, tuple)) else data)
         if not path.exists():
-            raise ScanReadError(path, "no such file or folder")
+            raise ScanReadError(path, "a broken symbolic link or a symbolic link loop" if path.is_symlink() else "no such file or folder")
         kind = scan_kind(path)
         if kind is None:
             raise ScanReadError(path, "not a scan medtl reads (DICOM, NIfTI .nii/.nii.gz, PNG/JPEG/BMP/TIFF)")
@@ -85,8 +86,19 @@ class ScanReader(ImageReader):
         return img[1]
 
 
+def check_finite(image: torch.Tensor, path: str | Path) -> torch.Tensor:
+    """``image`` unchanged, or :class:`ScanReadError` when any value is NaN or infinite (one
+    such scan would otherwise turn its whole batch's statistics and outputs into NaN)."""
+    if image.is_floating_point():
+        bad = int((~torch.isfinite(image)).sum())
+        if bad:
+            raise ScanReadError(path, f"{bad} of {image.numel()} values are NaN or infinite")
+    return image
+
+
 class LoadScand(MapTransform):
-    """Load the scan at ``data[key]`` with :class:`ScanReader` into a channel-first MetaTensor."""
+    """Load the scan at ``data[key]`` with :class:`ScanReader` into a channel-first MetaTensor,
+    refusing scans with NaN or infinite values."""
 
     def __init__(self, keys: KeysCollection, voi: bool = False) -> None:
         super().__init__(keys)
@@ -96,5 +108,5 @@ class LoadScand(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self._load(d[key], reader=self.reader)
+            d[key] = check_finite(self._load(d[key], reader=self.reader), d[key])
         return d

@@ -117,7 +117,8 @@ def fingerprint(records: Sequence[ScanRecord], *, sample: int = 64, seed: int = 
     if not shapes:
         raise ScanReadError(chosen[0].image, f"none of the {len(chosen)} sampled scans could be read")
     dims = Counter(len(s) for s in shapes).most_common(1)[0][0]
-    same_dims = [s for s in shapes if len(s) == dims]
+    # 2D readers give (columns, rows); sizes are stated as displayed, rows x columns, as image_size is
+    same_dims = [s[::-1] if dims == 2 else s for s in shapes if len(s) == dims]
     kept_spacings = [s for s in spacings if s is not None and len(s) == dims]
     return Fingerprint(
         scans=len(labelled),

@@ -6,8 +6,9 @@ reporting checklist.
 :func:`write_report` writes the files.  No patient identifiers are taken or written.
 """
 
+from medtl.report.info import run_info
 from medtl.report.rocband import roc_band
 from medtl.report.summary import summarize
 from medtl.report.writer import write_report
 
-__all__ = ["roc_band", "summarize", "write_report"]
+__all__ = ["roc_band", "run_info", "summarize", "write_report"]

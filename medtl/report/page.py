@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 MISSING = '<span class="missing">not recorded</span>'
+UNSET = '<span class="unset">not set</span>'
 
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;max-width:1040px;margin:2em auto;padding:0 1em;color:#1b1b1b;line-height:1.45}
@@ -22,7 +23,7 @@ h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #0072b2;padding
 table{border-collapse:collapse;margin:.8em 0;font-size:.92em}th,td{border:1px solid #d0d7de;padding:.3em .6em;text-align:left;vertical-align:top}
 th{background:#eef3f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;height:auto}.figs{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.figs figure{margin:0;flex:1 1 440px}
-figcaption{font-size:.85em;color:#444}.missing{color:#a33;font-style:italic}.note{font-size:.88em;color:#444}
+figcaption{font-size:.85em;color:#444}.missing{color:#a33;font-style:italic}.unset{color:#777;font-style:italic}.note{font-size:.88em;color:#444}
 ul.kv{margin:0;padding-left:1.1em}pre{background:#f6f8fa;padding:1em;overflow-x:auto;font-size:.8em}
 """
 
@@ -56,16 +57,18 @@ def _auroc(auroc: Mapping | None) -> str:
     return _e(f"{auroc['auc']:.3f} (95% CI {_ci(auroc.get('ci'))})")
 
 
-def _value(value: Any) -> str:
-    """Any JSON value as escaped HTML: nested key/value lists for dicts."""
+def _value(value: Any, *, nested: bool = False) -> str:
+    """Any JSON value as escaped HTML: nested key/value lists for dicts.  An empty checklist item
+    is "not recorded" (red: the tool should have it); an empty setting inside one is an optional
+    setting left unset ("not set", grey)."""
     if value is None or value == "" or value == {} or value == []:
-        return MISSING
+        return UNSET if nested else MISSING
     if isinstance(value, Mapping):
-        return '<ul class="kv">' + "".join(f"<li><b>{_e(k)}</b>: {_value(v)}</li>" for k, v in value.items()) + "</ul>"
+        return '<ul class="kv">' + "".join(f"<li><b>{_e(k)}</b>: {_value(v, nested=True)}</li>" for k, v in value.items()) + "</ul>"
     if isinstance(value, list):
         if all(not isinstance(v, (Mapping, list)) for v in value):
             return _e(", ".join("null" if v is None else str(v) for v in value))
-        return "<ol>" + "".join(f"<li>{_value(v)}</li>" for v in value) + "</ol>"
+        return "<ol>" + "".join(f"<li>{_value(v, nested=True)}</li>" for v in value) + "</ol>"
     if isinstance(value, bool):
         return "yes" if value else "no"
     return _e(value)
@@ -127,7 +130,9 @@ def _data_section(s: Mapping) -> str:
         "<h2>Evaluation data</h2>"
         f"<p><b>Evaluated on:</b> {_value(info.get('evaluated_on'))}</p>"
         f"<p><b>Cases:</b> {_e(s['n'])} ({_e(counts)})</p>"
-        '<p class="note">No patient identifiers are included in this report.</p>'
+        + (f"<p><b>Excluded:</b> {_e(info['excluded'])} scans that could not be read or gave no finite output; "
+           "errors.csv beside this report lists them with the reasons.</p>" if info.get("excluded") else "")
+        + '<p class="note">No patient identifiers are included in this report.</p>'
     )
 
 

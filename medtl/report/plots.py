@@ -7,6 +7,7 @@ figure a summary supports.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ MODEL = AFTER
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI, format="png")
+    fig.savefig(path, dpi=DPI, format="png", bbox_inches="tight", pad_inches=0.08)  # nothing drawn is cut off
     return path
 
 
@@ -113,7 +114,9 @@ def confusion_plot(path: Path, confusion: dict, *, title: str) -> Path:
                     color="white" if row_share[i, j] > 0.6 else "black", fontsize=9)
     ax.set_xticks(range(k), labels, rotation=30 if k > 2 else 0, ha="right" if k > 2 else "center")
     ax.set_yticks(range(k), labels)
-    ax.set(xlabel="Predicted", ylabel="Actual", title=title)
+    width = fig.get_figwidth()
+    ax.set(xlabel="Predicted", ylabel="Actual")
+    ax.set_title(textwrap.fill(title, width=int(8 * width)), fontsize=10)  # about 8 characters per inch: never cut off
     return _save(fig, path)
 
 

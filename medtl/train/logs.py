@@ -20,7 +20,7 @@ class EpochLog:
 
     def __init__(self, path: Path, fields: Sequence[str], history: Sequence[dict] = ()) -> None:
         self._handle = open(path, "w", newline="")
-        self._csv = csv.DictWriter(self._handle, fieldnames=list(fields))
+        self._csv = csv.DictWriter(self._handle, fieldnames=list(fields), lineterminator="\n")
         self._csv.writeheader()
         self._board = None
         try:

@@ -1,6 +1,7 @@
 """MONAI preprocessing: from a scan file to the tensor the backbone expects."""
 
 from medtl.transforms.pipeline import (
+    DISPLAY_LAYOUT,
     FITS,
     IMAGE,
     ScanCompose,
@@ -18,6 +19,7 @@ from medtl.transforms.presets import (
 )
 
 __all__ = [
+    "DISPLAY_LAYOUT",
     "FITS",
     "IMAGE",
     "INTENSITY_PRESETS",

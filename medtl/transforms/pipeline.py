@@ -4,8 +4,11 @@ The recipe is a plain dict stored in every bundle, so training, evaluation and b
 share one definition of "what the model sees":
 
     {"spatial_dims": 2, "image_size": [224, 224], "channels": 1, "intensity": "auto",
-     "ct_window": [40, 400], "target_spacing": null, "orientation": null, "fit": "resize",
-     "normalization": {"source": "imagenet", "mean": 0.449, "std": 0.226}}
+     "ct_window": [40, 400], "target_spacing": null, "orientation": null, "layout": "rows_columns",
+     "fit": "resize", "normalization": {"source": "imagenet", "mean": 0.449, "std": 0.226}}
+
+2D images enter the network as displayed, ``(rows, columns)`` (``layout``; ``image_size`` is
+then rows x columns); bundles from before ``layout`` keep the reader's ``(columns, rows)``.
 
 Volumes (``spatial_dims`` 3) are turned to RAS.  ``fit`` says how a scan meets ``image_size``:
 ``resize`` scales the whole field of view (the default when no ``target_spacing`` is given, since
@@ -32,6 +35,7 @@ from monai.transforms import (
     Resized,
     ResizeWithPadOrCropd,
     Spacingd,
+    Transposed,
 )
 
 from medtl import __version__
@@ -40,6 +44,9 @@ from medtl.transforms.presets import IntensityPresetd, NameFileErrors, ToSpatial
 
 IMAGE = "image"
 FITS = ("resize", "crop_pad")
+# 2D images reach the network as displayed, (rows, columns): pydicom's pixel_array, a PNG's
+# rows.  Recipes without "layout" (bundles from before it) keep the reader's (columns, rows).
+DISPLAY_LAYOUT = "rows_columns"
 
 
 def make_preprocessing(
@@ -76,22 +83,27 @@ def make_preprocessing(
         "ct_window": [float(v) for v in ct_window],
         "target_spacing": spacing,
         "orientation": "RAS" if spatial_dims == 3 else None,
+        "layout": DISPLAY_LAYOUT if spatial_dims == 2 else None,
         "fit": fit,
         "normalization": dict(normalization),
     }
 
 
-def deterministic_transforms(pre: Mapping[str, Any]) -> list:
+def deterministic_transforms(pre: Mapping[str, Any], *, load: bool = True) -> list:
     """Load (ScanReader) -> spatial dims/channels -> [orientation] -> [spacing] -> intensity
     preset -> resize or crop/pad -> plain float32 tensor: the part worth caching.  Recipes from before ``orientation``,
-    ``target_spacing`` and ``fit`` existed rebuild the chain they were trained with."""
+    ``target_spacing`` and ``fit`` existed rebuild the chain they were trained with.  ``load=False``
+    starts from an image already loaded (a channel-first MetaTensor laid out as the reader's)."""
     dims = pre["spatial_dims"]
-    chain = [LoadScand(IMAGE), ToSpatialDimsd(IMAGE, dims, pre["channels"])]
+    chain = [LoadScand(IMAGE)] if load else []
+    chain.append(ToSpatialDimsd(IMAGE, dims, pre["channels"]))
     if pre.get("orientation"):
         chain.append(Orientationd(IMAGE, axcodes=pre["orientation"], labels=None))
     if pre.get("target_spacing"):
         chain.append(Spacingd(IMAGE, pixdim=pre["target_spacing"], mode="bilinear"))
     chain.append(IntensityPresetd(IMAGE, pre["intensity"], pre["ct_window"]))
+    if pre.get("layout") == DISPLAY_LAYOUT:  # the reader's (columns, rows) -> (rows, columns), as displayed
+        chain.append(Transposed(IMAGE, indices=(0, 2, 1)))
     if pre.get("fit", "resize") == "crop_pad":
         chain.append(ResizeWithPadOrCropd(IMAGE, spatial_size=pre["image_size"]))
     else:
@@ -133,12 +145,15 @@ class ScanCompose(Compose):
             raise named from None
 
 
-def build_transforms(pre: Mapping[str, Any], *, train: bool = False) -> Compose:
+def build_transforms(pre: Mapping[str, Any], *, train: bool = False, loaded: bool = False) -> Compose:
     """The full chain for one split; ``train`` adds augmentation after the cacheable part.
 
     The deterministic part is one guarded step (failures name the scan) that MONAI's caching
-    datasets cache as a whole."""
-    chain = [NameFileErrors(Compose(deterministic_transforms(pre)))]
+    datasets cache as a whole.  ``loaded``: items hold in-memory images, not paths."""
+    if loaded:
+        chain = [Compose(deterministic_transforms(pre, load=False))]
+    else:
+        chain = [NameFileErrors(Compose(deterministic_transforms(pre)))]
     if train:
         chain += augmentations(pre)
     chain += [WeightsNormalized(IMAGE, pre["normalization"]), EnsureTyped(IMAGE, dtype=np.float32, track_meta=False)]
