@@ -98,6 +98,14 @@ def test_kfold_ensemble_through_train_evaluate_predict_and_resume(tmp_path):
     assert len(list((tmp_path / "cams").rglob("*.png"))) == len(rows)  # Grad-CAM averaged over the members
     assert len(rows) == len(list(csv.DictReader(open(data / "test" / "labels.csv")))) and all(abs(sum(float(r[k]) for k in r if k.startswith("prob_")) - 1) < 1e-5 for r in rows)
 
+    # The ensemble bundle through local recalibration and the Python API, like any bundle.
+    local = data / "test" / "labels.csv"
+    assert main(["recalibrate", str(run / "bundle"), str(local), "--out", str(tmp_path / "recal")]) == 0
+    assert json.loads((tmp_path / "recal" / "bundle.json").read_text())["model"]["members"] == 3
+    predictor = bundles.load(tmp_path / "recal", device="auto")
+    first = data / "test" / rows[0]["image"]
+    assert predictor.predict_proba(first).shape == (1, 2) and predictor.predict(str(first))[0] in meta["classes"]
+
     # Resuming a finished run reads every member back instead of training it again.
     stamps = {p: p.stat().st_mtime_ns for p in run.glob("members/*/model.safetensors")}
     assert main([*args, "--resume", str(run)]) == 0

@@ -36,10 +36,10 @@ def _log(run):
     return list(csv.DictReader(open(run / "train_log.csv")))
 
 
-def _train(cwd, out, processes):
+def _train(cwd, out, processes, *extra):
     """``medtl train`` in a fresh process (or ``processes`` under torchrun), one thread each."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
-    cmd = [sys.executable, *launcher, "-m", "medtl", "train", "run.yaml", "--out", out]
+    cmd = [sys.executable, *launcher, "-m", "medtl", "train", "run.yaml", "--out", out, *extra]
     done = subprocess.run(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -64,6 +64,19 @@ def test_two_gloo_processes_match_one_and_write_one_bundle(small_run):
     assert metrics["uncalibrated"]["auroc"]["auc"] == pytest.approx(float(best["val_auroc"]), abs=1e-5)
     assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
     assert [p.parent.name for p in small_run.rglob("model.safetensors") if "ddp" in p.parts] == ["bundle"]
+
+
+@pytest.mark.slow
+def test_cross_validation_ensemble_under_torchrun_matches_one_process(small_run):
+    """Members train one after another, each data-parallel: the same member logs and one bundle."""
+    single, ddp = small_run / "folds_single", small_run / "folds_ddp"
+    _train(small_run, "folds_single", 1, "--folds", "2", "--set", "train.epochs=1")
+    assert _train(small_run, "folds_ddp", 2, "--folds", "2", "--set", "train.epochs=1").count("bundle: ") == 1
+    for member in ("fold0", "fold1"):
+        for a, b in zip(_log(single / "members" / member), _log(ddp / "members" / member), strict=True):
+            assert float(b["val_loss"]) == pytest.approx(float(a["val_loss"]), rel=1e-4)
+    assert json.loads((ddp / "bundle" / "bundle.json").read_text())["model"]["members"] == 2
+    assert [p.parent.name for p in ddp.rglob("model.safetensors")].count("bundle") == 1
 
 
 def test_gather_without_process_group_cuts_padding():

@@ -75,10 +75,11 @@ def bundle_hash(path: str | Path) -> str:
 
 
 def _set_hash(images: Sequence[str], labels: Sequence[str] | None = None) -> str:
-    """Order-free content hash of a local set: each scan's content fingerprint (and its label)."""
-    from medtl.infer import fingerprint
+    """Order-free hash of a local set: each scan's quick fingerprint (name, size, first and last
+    64 KiB) and its label."""
+    from medtl.infer import quick_fingerprint
 
-    lines = sorted(f"{fingerprint(p)}\t{labels[i] if labels else ''}" for i, p in enumerate(images))
+    lines = sorted(f"{quick_fingerprint(p)}\t{labels[i] if labels else ''}" for i, p in enumerate(images))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
