@@ -35,7 +35,7 @@ from medtl.recipe import fingerprint, resolve_recipe
 from medtl.report import run_info, write_report
 from medtl.train import (
     CHECKPOINT_FILE, FitResult, Trainer, class_weights, is_main, labelled_items, make_loader, micro_batch_size, resolve_classes,
-    world_size,
+    resolve_device, world_size,
 )
 from medtl.train import Member, cross_validation_members, seed_members
 from medtl.transforms import build_transforms, make_preprocessing
@@ -274,12 +274,11 @@ class _Run:
         done = folder / "member.json"
         if self.resume and done.is_file() and (folder / "model.safetensors").is_file():
             model.load_state_dict(load_file(str(folder / "model.safetensors")))
-            stored = json.loads(done.read_text())
-            fit = FitResult(**stored["fit"])
-            trainer = Trainer(model, make_strategy(acfg), tcfg)
-            logits, labels = trainer.predict_logits(val_loader) if is_main() else (None, None)
+            device = resolve_device(tcfg.device)
+            model = model.to(device)
+            logits, labels = _predict_logits(model, val_loader, device) if is_main() else (None, None)
             log.info("member %s: finished before, read back from %s", member.name, folder)
-            return _Fitted(member, trainer.model, fit, logits, labels)
+            return _Fitted(member, model, FitResult(**json.loads(done.read_text())["fit"]), logits, labels)
         folder.mkdir(parents=True, exist_ok=True)
         train_items = labelled_items(member.train, self.classes)
         train_loader = self.loader(train_items, train=True, seed=member.seed)
