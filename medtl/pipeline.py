@@ -42,6 +42,7 @@ from medtl.transforms import build_transforms, make_preprocessing
 from medtl.adapt import NORMALIZATION_METHODS, TRAINING_METHODS, adapt_normalization, extract_features, make_domain_loss, make_strategy, site_shift
 
 log = logging.getLogger(__name__)
+VAL_LOGITS = "val_logits.safetensors"  # an ensemble member's scores on its validation (out-of-fold) scans
 
 
 @dataclass
@@ -272,13 +273,13 @@ class _Run:
         model = self.model()
         val_loader = self.loader(labelled_items(member.val, self.classes), train=False)
         done = folder / "member.json"
-        if self.resume and done.is_file() and (folder / "model.safetensors").is_file():
+        if self.resume and all((folder / name).is_file() for name in (done.name, "model.safetensors", VAL_LOGITS)):
             model.load_state_dict(load_file(str(folder / "model.safetensors")))
-            device = resolve_device(tcfg.device)
-            model = model.to(device)
-            logits, labels = _predict_logits(model, val_loader, device) if is_main() else (None, None)
+            model = model.to(resolve_device(tcfg.device))
+            scored = load_file(str(folder / VAL_LOGITS))  # as scored after training: resuming refits the same calibrator
             log.info("member %s: finished before, read back from %s", member.name, folder)
-            return _Fitted(member, model, FitResult(**json.loads(done.read_text())["fit"]), logits, labels)
+            return _Fitted(member, model, FitResult(**json.loads(done.read_text())["fit"]), scored["logits"].numpy(),
+                           scored["labels"].numpy())
         folder.mkdir(parents=True, exist_ok=True)
         train_items = labelled_items(member.train, self.classes)
         train_loader = self.loader(train_items, train=True, seed=member.seed)
@@ -294,10 +295,12 @@ class _Run:
                           log_path=folder / "train_log.csv", checkpoint=folder / CHECKPOINT_FILE, resume=self.resume and (folder / CHECKPOINT_FILE).is_file())
         if not is_main():
             return _Fitted(member, trainer.model, fit, None, None)
+        logits, labels = trainer.predict_logits(val_loader)
         if keep:
             save_file({k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}, str(folder / "model.safetensors"))
-            done.write_text(json.dumps({"name": member.name, "seed": member.seed, "fit": asdict(fit)}))
-        logits, labels = trainer.predict_logits(val_loader)
+            save_file({"logits": torch.from_numpy(logits).contiguous(), "labels": torch.from_numpy(labels).contiguous()},
+                      str(folder / VAL_LOGITS))
+            done.write_text(json.dumps({"name": member.name, "seed": member.seed, "fit": asdict(fit)}))  # last: marks it finished
         return _Fitted(member, trainer.model, fit, logits, labels)
 
 

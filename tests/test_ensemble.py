@@ -107,7 +107,8 @@ def test_kfold_ensemble_through_train_evaluate_predict_and_resume(tmp_path):
     assert predictor.predict_proba(first).shape == (1, 2) and predictor.predict(str(first))[0] in meta["classes"]
 
     # Resuming a finished run reads every member back instead of training it again.
-    stamps = {p: p.stat().st_mtime_ns for p in run.glob("members/*/model.safetensors")}
+    stamps = {p: p.stat().st_mtime_ns for p in run.glob("members/*/*.safetensors")}
+    assert len(stamps) == 6  # weights and out-of-fold scores of each member: resuming refits on these scores
     assert main([*args, "--resume", str(run)]) == 0
-    assert {p: p.stat().st_mtime_ns for p in run.glob("members/*/model.safetensors")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in run.glob("members/*/*.safetensors")} == stamps
     assert json.loads((run / "bundle" / "bundle.json").read_text())["calibration"] == meta["calibration"]
