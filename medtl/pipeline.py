@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from medtl import bundle as bundles
 from medtl.bundle import FeatureReference
 from medtl.bundle.bundle import CONFIG_FILE as BUNDLE_CONFIG
-from medtl.backbones import Ensemble, check_batch, create, get_spec, preprocessing_for
+from medtl.backbones import Ensemble, check_batch, create, get_spec, pool_members, preprocessing_for
 from medtl.calibrate import make_calibrator
 from medtl.config import AdaptConfig, Config, dump_config, load_config
 from medtl.infer import ERROR_COLUMNS, iter_logits, write_table
@@ -438,7 +438,7 @@ def _finish(run: _Run, fitted: list[_Fitted], parts: dict[str, list[ScanRecord]]
         cal_logits = np.concatenate([_log_softmax(f.val_logits) for f in fitted])
         cal_labels = np.concatenate([f.val_labels for f in fitted])
     elif ensemble:
-        cal_logits = np.log(np.mean([_softmax(f.val_logits) for f in fitted], axis=0))
+        cal_logits = pool_members(torch.from_numpy(np.stack([f.val_logits for f in fitted])).double(), model.combine).numpy()
         cal_labels = fitted[0].val_labels
     else:
         cal_logits, cal_labels = fitted[0].val_logits, fitted[0].val_labels
@@ -469,7 +469,7 @@ def _finish(run: _Run, fitted: list[_Fitted], parts: dict[str, list[ScanRecord]]
         "spatial_dims": data.spatial_dims,
         "num_classes": len(classes),
         "weights": mcfg.weights,
-        **({"members": len(fitted)} if ensemble else {}),
+        **({"members": len(fitted), "combine": model.combine} if ensemble else {}),
     }
     partitions = _partition_summary(parts, classes)
     first = fitted[0].fit

@@ -22,18 +22,25 @@ def _members(k: int, seed: int = 0):
     return [create("resnet18", spatial_dims=2, num_classes=3).eval() for _ in range(k)]
 
 
-def test_ensemble_averages_member_probabilities():
+def test_ensemble_pools_member_log_probabilities():
     members = _members(3)
-    ensemble = Ensemble(members).eval()
     x = torch.randn(4, 1, 32, 32)
     with torch.no_grad():
-        mean_prob = torch.stack([m(x).softmax(dim=1) for m in members]).mean(dim=0)
-        out = ensemble(x)
-        torch.testing.assert_close(out.softmax(dim=1), mean_prob, rtol=1e-5, atol=1e-6)
+        log_probs = torch.stack([m(x).log_softmax(dim=1) for m in members])
+        geometric = log_probs.mean(dim=0).exp()
+        out = Ensemble(members).eval()(x)
+        torch.testing.assert_close(out.softmax(dim=1), geometric / geometric.sum(dim=1, keepdim=True), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out.exp().sum(dim=1), torch.ones(4), rtol=1e-5, atol=1e-6)  # log-probabilities
-        torch.testing.assert_close(Ensemble(members[:1])(x).softmax(dim=1), members[0](x).softmax(dim=1))
-        torch.testing.assert_close(ensemble.forward_features(x), members[0].forward_features(x))
-    assert ensemble.feature_dim == members[0].feature_dim
+        # Temperature scaling of one member's scale commutes with the pooling.
+        torch.testing.assert_close((out / 2).softmax(dim=1), (log_probs / 2).mean(dim=0).softmax(dim=1), rtol=1e-5, atol=1e-6)
+        old = Ensemble(members, combine="prob_mean").eval()(x)  # bundles from before the rule was recorded
+        torch.testing.assert_close(old.softmax(dim=1), log_probs.exp().mean(dim=0), rtol=1e-5, atol=1e-6)
+        for combine in ("log_prob_mean", "prob_mean"):
+            torch.testing.assert_close(Ensemble(members[:1], combine=combine)(x).softmax(dim=1), members[0](x).softmax(dim=1))
+        torch.testing.assert_close(Ensemble(members).forward_features(x), members[0].forward_features(x))
+    assert Ensemble(members).feature_dim == members[0].feature_dim
+    with pytest.raises(ValueError, match="combine rule 'median'"):
+        Ensemble(members, combine="median")
 
 
 def test_ensemble_bundle_round_trip(tmp_path):
@@ -41,12 +48,15 @@ def test_ensemble_bundle_round_trip(tmp_path):
     pre = make_preprocessing(spatial_dims=2, image_size=[32, 32], channels=1, intensity="cxr", ct_window=(40, 400),
                              normalization={"source": "none", "mean": 0.5, "std": 0.25})
     calibrator = make_calibrator("temperature", 3).fit(np.random.default_rng(0).normal(size=(30, 3)), np.arange(30) % 3)
-    spec = {"backbone": "resnet18", "in_channels": 1, "spatial_dims": 2, "num_classes": 3, "weights": "none", "members": 2}
-    bundles.save(tmp_path / "b", ensemble, model_spec=spec, classes=["a", "b", "c"], positive_index=None, preprocessing=pre,
-                 calibrator=calibrator, operating_point=None, config_yaml=dump_config(Config()))
+    spec = {"backbone": "resnet18", "in_channels": 1, "spatial_dims": 2, "num_classes": 3, "weights": "none", "members": 2,
+            "combine": ensemble.combine}
+    x = torch.randn(3, 1, 32, 32)
+    for name, model_spec in (("b", spec), ("old", {k: v for k, v in spec.items() if k != "combine"})):
+        bundles.save(tmp_path / name, ensemble, model_spec=model_spec, classes=["a", "b", "c"], positive_index=None,
+                     preprocessing=pre, calibrator=calibrator, operating_point=None, config_yaml=dump_config(Config()))
     predictor = bundles.load(tmp_path / "b")
     assert isinstance(predictor.model, Ensemble) and len(predictor.model.members) == 2
-    x = torch.randn(3, 1, 32, 32)
+    assert bundles.load(tmp_path / "old").model.combine == "prob_mean"  # a bundle that does not say: the old rule
     with torch.no_grad():
         np.testing.assert_allclose(predictor.logits(x), ensemble(x).numpy(), rtol=1e-5, atol=1e-6)
 
@@ -81,7 +91,7 @@ def test_kfold_ensemble_through_train_evaluate_predict_and_resume(tmp_path):
             "--set", "data.num_workers=0", "--set", "train.epochs=2", "--set", "report.bootstrap=100", "--folds", "3"]
     assert main([*args, "--out", str(run)]) == 0
     meta = json.loads((run / "bundle" / "bundle.json").read_text())
-    assert meta["model"]["members"] == 3
+    assert meta["model"]["members"] == 3 and meta["model"]["combine"] == "log_prob_mean"
     ensemble = meta["training"]["ensemble"]
     assert [m["name"] for m in ensemble["members"]] == ["fold0", "fold1", "fold2"]
     assert sum(m["val_scans"] for m in ensemble["members"]) == sum(m["train_scans"] + m["val_scans"] for m in ensemble["members"]) / 3

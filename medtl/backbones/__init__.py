@@ -15,7 +15,7 @@ from medtl.backbones.files import (
     weights_dir,
 )
 from medtl.backbones.inputs import check_batch, normalize
-from medtl.backbones.model import Classifier, Ensemble, create
+from medtl.backbones.model import Classifier, Ensemble, create, pool_members
 from medtl.backbones.rank import BackboneScore, logme, parse_candidates, rank_backbones
 from medtl.backbones.registry import (
     REGISTRY_ENTRIES,
@@ -53,6 +53,7 @@ __all__ = [
     "logme",
     "normalize",
     "parse_candidates",
+    "pool_members",
     "preprocessing_for",
     "rank_backbones",
     "sha256_file",

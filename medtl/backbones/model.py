@@ -51,23 +51,37 @@ class Classifier(nn.Module):
         return preprocessing_for(self.spec.name, self.weights, in_channels=self.in_channels)
 
 
+COMBINE_RULES = ("log_prob_mean", "prob_mean")
+
+
 class Ensemble(nn.Module):
     """Classifiers of one architecture (cross-validation folds or seeds) used as one model.
 
-    The output is ``log(mean_k softmax(member_k(x)))``: a logit vector whose softmax is the
-    members' mean class probability (the deep-ensemble average), so a calibrator, a threshold and
-    every consumer of logits treat the ensemble like a single :class:`Classifier`; a one-member
-    ensemble gives the member's own probabilities.  Features (shift alarms, site diagnostics) are
-    the first member's: in a cross-validation ensemble its own validation fold is the one set of
-    labelled scans that the feature space has not been trained on.
+    The output is a logit vector, so a calibrator, a threshold and every consumer of logits treat
+    the ensemble like a single :class:`Classifier`.  ``combine`` says how members are pooled:
+
+    - ``log_prob_mean`` (default): the mean of the members' log-probabilities (a normalised
+      geometric mean of their probabilities).  It keeps the scale of one member's log-odds, which
+      is what the calibrator is fitted on (each scan's out-of-fold member), and temperature and
+      Platt scaling, affine in the log-probabilities, commute with it.  Averaging probabilities
+      instead left calibrated ensembles under-confident (docs/recipe.md, *Ensembles*).
+    - ``prob_mean``: the log of the members' mean probability (bundles written before
+      ``combine`` was recorded).
+
+    A one-member ensemble gives the member's own probabilities.  Features (shift alarms, site
+    diagnostics) are the first member's: in a cross-validation ensemble its own validation fold is
+    the one set of labelled scans that the feature space has not been trained on.
     State-dict keys are ``members.<k>.backbone.*`` and ``members.<k>.head.*``.
     """
 
-    def __init__(self, members: Sequence[Classifier]) -> None:
+    def __init__(self, members: Sequence[Classifier], combine: str = "log_prob_mean") -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
+        if combine not in COMBINE_RULES:
+            raise ValueError(f"unknown ensemble combine rule {combine!r}; choose one of {', '.join(COMBINE_RULES)}")
         self.members = nn.ModuleList(members)
+        self.combine = combine
         first = members[0]
         self.spec, self.in_channels, self.weights = first.spec, first.in_channels, first.weights
         self.feature_dim = first.feature_dim
@@ -81,8 +95,16 @@ class Ensemble(nn.Module):
         return self.members[0].forward_features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Log of the mean member probability, (B, num_classes)."""
-        return torch.logsumexp(self.member_logits(x).log_softmax(dim=2), dim=0) - math.log(len(self.members))
+        """The pooled members' log-probabilities, (B, num_classes)."""
+        return pool_members(self.member_logits(x), self.combine)
+
+
+def pool_members(member_logits: torch.Tensor, combine: str = "log_prob_mean") -> torch.Tensor:
+    """Pool (K, B, C) member logits into (B, C) log-probabilities by an :class:`Ensemble` rule."""
+    log_probs = member_logits.log_softmax(dim=2)
+    if combine == "prob_mean":
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(log_probs))
+    return log_probs.mean(dim=0).log_softmax(dim=1)
 
 
 def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:

@@ -178,7 +178,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
                num_classes=spec["num_classes"])
         for _ in range(spec.get("members", 1))
     ]
-    model = Ensemble(members) if spec.get("members") else members[0]
+    model = Ensemble(members, combine=spec.get("combine", "prob_mean")) if spec.get("members") else members[0]
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{path}: {WEIGHTS_FILE} not found")
