@@ -14,8 +14,9 @@ official validation split (524 X-rays, never trained on):
 
 For each shifted site and seed: source-only; AdaBN towards the site's scans (unlabelled, via
 ``medtl.bundle.adapt``); ``medtl.bundle.recalibrate`` on 25, 50 and 100 labelled local scans
-(drawn at random, ``--draws`` times), scored on the site's other scans; and recalibration after
-AdaBN.  Figures: ECE (15 bins), accuracy at the operating point, sensitivity and specificity
+(drawn at random, ``--draws`` times), scored on the site's other scans, as it runs by default
+(re-normalising on the local scans when that lowers the cross-validated loss) and with the
+parent's normalisation kept; and recalibration after AdaBN on all of the site's scans.  Figures: ECE (15 bins), accuracy at the operating point, sensitivity and specificity
 (mean over draws with the 2.5-97.5 percentiles of the draws; for single runs the Wilson CI), and
 the best accuracy any threshold reaches on the same scans.
 
@@ -127,9 +128,10 @@ def figures(labels: np.ndarray, probs: np.ndarray, threshold: float, positive: i
 
 
 def recalibration_draws(bundle: Path, manifest: Path, labels: np.ndarray, logits: np.ndarray, n: int, draws: int,
-                        seed: int, work: Path, keep_threshold: bool = False) -> list[dict]:
+                        seed: int, work: Path, normalization: str = "auto") -> list[dict]:
     """``draws`` runs of ``medtl.bundle.recalibrate`` on ``n`` random labelled scans of the site,
-    each scored on the site's other scans."""
+    each scored on the site's other scans (through the new bundle's own weights when it
+    re-normalised them)."""
     rows = list(csv.DictReader(open(manifest)))
     positive = bundles.load(bundle).positive_index
     results = []
@@ -144,17 +146,20 @@ def recalibration_draws(bundle: Path, manifest: Path, labels: np.ndarray, logits
             writer.writerows({"image": str((manifest.parent / rows[i]["image"]).resolve()), "label": rows[i]["label"]} for i in fit)
         out = work / f"recalibrated_{manifest.stem}_{n}_{draw}"
         try:
-            result = bundles.recalibrate(bundle, local, out, keep_threshold=keep_threshold, seed=draw)
+            result = bundles.recalibrate(bundle, local, out, normalization=normalization, seed=draw)
         except ValueError as err:  # e.g. a draw with fewer than 2 scans of a class
             results.append({"refused": str(err)})
             continue
         finally:
             local.unlink(missing_ok=True)
         meta = json.loads((out / "bundle.json").read_text())
+        renormalised = result.report["normalization"]["chosen"] == "adabn"
+        rest_logits = site_logits(out, manifest)[1][rest] if renormalised else logits[rest]
         shutil.rmtree(out)
-        probs = calibrator_from_dict(meta["calibration"]).transform(logits[rest])
+        probs = calibrator_from_dict(meta["calibration"]).transform(rest_logits)
         results.append({**figures(labels[rest], probs, meta["operating_point"]["threshold"], positive),
-                        "method": meta["calibration"]["method"], "cv_ece": result.report["after"]["ece"]["value"]})
+                        "method": meta["calibration"]["method"] + (" + AdaBN" if renormalised else ""),
+                        "cv_ece": result.report["after"]["ece"]["value"]})
     return results
 
 
@@ -202,10 +207,10 @@ def run_seed(seed: int, manifests: dict[str, Path], sites: dict[str, Path], args
         for n in args.local:
             result["rows"][f"{site}/recalibrated, {n} local"] = recalibration_draws(bundle, sites[site], labels, logits, n,
                                                                                      args.draws, seed, scratch)
-            result["rows"][f"{site}/recalibrated, {n} local, kept threshold"] = recalibration_draws(
-                bundle, sites[site], labels, logits, n, args.draws, seed, scratch, keep_threshold=True)
-            result["rows"][f"{site}/AdaBN + recalibrated, {n} local"] = recalibration_draws(
-                adapted, sites[site], a_labels, a_logits, n, args.draws, seed, scratch)
+            result["rows"][f"{site}/recalibrated, {n} local, normalisation kept"] = recalibration_draws(
+                bundle, sites[site], labels, logits, n, args.draws, seed, scratch, normalization="keep")
+            result["rows"][f"{site}/AdaBN (all site scans) + recalibrated, {n} local"] = recalibration_draws(
+                adapted, sites[site], a_labels, a_logits, n, args.draws, seed, scratch, normalization="keep")
         print(f"seed {seed} {site}: done", flush=True)
     result["alarm_pvalues"] = {str(size): alarm_pvalues(bundle, features, size, args.folders, seed) for size in args.folder_sizes}
     done.write_text(json.dumps(result))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from scipy.special import expit, softmax
 
 from helpers import write_small_split
@@ -136,7 +137,8 @@ def test_training_writes_a_feature_reference(site):
 
 def test_recalibrate_writes_a_complete_bundle_with_provenance_and_an_honest_report(site, capsys):
     parent, out = site / "run" / "bundle", site / "recalibrated"
-    assert main(["recalibrate", str(parent), str(site / "local.csv"), "--out", str(out), "--operating-point", "sensitivity=0.9"]) == 0
+    assert main(["recalibrate", str(parent), str(site / "local.csv"), "--out", str(out), "--operating-point", "sensitivity=0.9",
+                 "--normalization", "keep"]) == 0
     assert "cross-validated" in capsys.readouterr().out
     meta = json.loads((out / "bundle.json").read_text())
     step = meta["provenance"][-1]
@@ -166,6 +168,32 @@ def test_recalibrate_writes_a_complete_bundle_with_provenance_and_an_honest_repo
     assert [s["step"] for s in chained["provenance"]] == ["recalibrate", "recalibrate"]
     assert chained["provenance"][-1]["parent"]["sha256"] == bundle_hash(out)
     assert chained["operating_point"] == meta["operating_point"]
+
+
+def test_recalibrate_renormalises_on_the_local_scans_when_that_lowers_the_cross_validated_loss(site):
+    from medtl.bundle import adapt, recalibrate
+
+    parent, local = site / "run" / "bundle", site / "local.csv"
+    forced = recalibrate(parent, local, site / "renormalised", normalization="adabn")
+    norm = forced.report["normalization"]
+    assert norm["chosen"] == "adabn" and set(norm["cross_validated_log_loss"]) == {"keep", "adabn"}
+    assert forced.report["after"]["how"].startswith("stratified 5-fold")
+    old, new = load_file(str(parent / "model.safetensors")), load_file(str(forced.bundle / "model.safetensors"))
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed and all(k.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked") for k in changed)
+    # the same statistics as medtl adapt over the same scans
+    adapted = adapt(parent, local, site / "adapted_local", method="adabn", batch_size=16)
+    for key, value in load_file(str(adapted.bundle / "model.safetensors")).items():
+        torch.testing.assert_close(new[key], value)
+    assert json.loads((forced.bundle / "bundle.json").read_text())["provenance"][-1]["normalization"] == "adabn"
+
+    auto = recalibrate(parent, local, site / "renormalised_auto")  # the default: the lower cross-validated loss
+    losses = auto.report["normalization"]["cross_validated_log_loss"]
+    assert losses == norm["cross_validated_log_loss"]
+    assert auto.report["normalization"]["chosen"] == min(losses, key=losses.get)
+    kept = load_file(str(auto.bundle / "model.safetensors"))
+    assert all(torch.equal(kept[k], (new if auto.report["normalization"]["chosen"] == "adabn" else old)[k]) for k in old)
+    assert "Normalisation:" in (auto.bundle / "recalibration.md").read_text()
 
 
 def test_cross_validated_figures_never_score_a_scan_on_its_own_fit(site, monkeypatch):

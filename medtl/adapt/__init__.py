@@ -18,7 +18,9 @@ from medtl.adapt.domain import (
     prediction_entropy,
     reverse_gradient,
 )
-from medtl.adapt.norm import NORMALIZATION_METHODS, Tent, adabn, adapt_normalization, batch_statistics, norm_affine_parameters
+from medtl.adapt.norm import (
+    NORMALIZATION_METHODS, Tent, adabn, adapt_normalization, batch_statistics, has_batch_norm, norm_affine_parameters,
+)
 from medtl.adapt.selection import SCORES, information_maximization, negative_entropy, soft_neighborhood_density, target_scores
 from medtl.adapt.strategies import LPFT, STRATEGIES, FullFineTuning, GradualUnfreeze, LinearProbe, make_strategy
 
@@ -42,6 +44,7 @@ __all__ = [
     "TRAINING_METHODS",
     "Tent",
     "adabn",
+    "has_batch_norm",
     "adapt_normalization",
     "backbone_blocks",
     "batch_statistics",

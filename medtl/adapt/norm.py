@@ -32,6 +32,11 @@ def _images(batch) -> torch.Tensor:
 
 
 @torch.no_grad()
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers with running statistics (what :func:`adabn` re-estimates)."""
+    return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
+
+
 def adabn(model: nn.Module, target: Iterable, device: torch.device | str | None = None) -> nn.Module:
     """Replace every BatchNorm layer's running mean and variance by their values over ``target``
     (batches of images, or dicts with ``"image"``); returns ``model`` in eval mode.

@@ -1,9 +1,9 @@
 """Trust at a new site: derive a bundle for a deployment site from a bundle trained elsewhere.
 
 - :func:`recalibrate`: a small labelled local sample refits the calibrator (and re-chooses the
-  operating point); the weights are untouched.  Its report scores the update by
-  cross-validation within the local sample, so the "after" figures are never fitted and scored on
-  the same scans.
+  operating point), after re-estimating the BatchNorm statistics on those scans (AdaBN) when that
+  lowers the cross-validated log-loss.  Its report scores the update by cross-validation within
+  the local sample, so the "after" figures are never fitted and scored on the same scans.
 - :func:`adapt`: unlabelled local scans re-normalise the model (AdaBN or TENT, no retraining), and
   the site's prevalence is estimated from them (EM of Saerens et al. 2002).
 
@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from sklearn.metrics import log_loss
 from sklearn.model_selection import LeaveOneOut, StratifiedKFold
 
 from medtl import __version__
-from medtl.adapt import NORMALIZATION_METHODS, adapt_normalization
+from medtl.adapt import NORMALIZATION_METHODS, adapt_normalization, has_batch_norm
 from medtl.bundle.bundle import META_FILE, WEIGHTS_FILE, Predictor, load
 from medtl.bundle.reference import scan_features
 from medtl.calibrate import Calibrator, InterceptUpdate, LogisticRecalibration, make_calibrator
@@ -49,6 +50,7 @@ FEW_EVENTS = 10  # fewer scans of the rarer class: warn that the sample is too s
 LOO_BELOW = 30  # leave-one-out below this many scans, stratified 5-fold otherwise
 AUTO_RULE = ("auto: events (scans of the rarer class) < 10: intercept (calibration-in-the-large); 10-99: logistic "
              "(slope and intercept); >= 100: the bundle's own calibration method refitted")
+NORMALIZATION_CHOICES = ("auto", "keep", "adabn")
 REPORTS = ("recalibration.json", "recalibration.md", "adaptation.json", "adaptation.md")
 
 
@@ -276,6 +278,7 @@ def recalibrate(
     method: str = "auto",
     operating_point: str | None = None,
     keep_threshold: bool = False,
+    normalization: str = "auto",
     seed: int = 0,
     batch_size: int = 16,
     num_workers: int = 0,
@@ -287,18 +290,24 @@ def recalibrate(
     calibrator (refitted on the raw logits).  The operating point is re-chosen on the recalibrated
     local probabilities by the bundle's rule, or by ``operating_point`` (``youden``, ``most_probable``,
     ``sensitivity=0.95``, ``specificity=0.9``); ``keep_threshold`` keeps the bundle's threshold.
+    ``normalization``: ``adabn`` re-estimates the BatchNorm statistics on the local scans (labels
+    unused) before recalibrating, ``keep`` keeps the parent's, ``auto`` (default) does whichever
+    gives the lower cross-validated log-loss on the local scans.
     """
     bundle, local, out = Path(bundle), Path(local), Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose another output folder (nothing was written)")
     if keep_threshold and operating_point is not None:
         raise ValueError("choose either keep_threshold or an operating point, not both")
+    if normalization not in NORMALIZATION_CHOICES:
+        raise ValueError(f"unknown normalization '{normalization}'; choose one of {', '.join(NORMALIZATION_CHOICES)}")
     predictor = load(bundle)
     images, names = _check_local(local, predictor)
     kept, logits, _, failed = _logits(predictor, images, batch_size=batch_size, num_workers=num_workers)
     label_of = dict(zip(images, names))
     labels = np.array([predictor.classes.index(label_of[p]) for p in kept], dtype=int)
     counts = _check_counts(local, labels, predictor.classes, len(failed))
+    parent_logits = logits
     events = min(counts.values())
     chosen = _choose_method(method, events, predictor)
     positive = predictor.positive_index if len(predictor.classes) == 2 else None
@@ -312,11 +321,28 @@ def recalibrate(
         how_op = f"re-chosen on the local scans: {rule[0]}" + (f" {rule[1]:g}" if rule[1] is not None else "")
     threshold = stored.threshold if stored is not None else None
 
+    cross_validated = {"keep": _cross_validated(chosen, predictor.calibrator, logits, labels, positive, rule, threshold, seed)}
+    adapted = None
+    if normalization != "keep" and has_batch_norm(predictor.model):
+        parent_state = {k: v.clone() for k, v in predictor.model.state_dict().items()}
+        adapt_normalization(predictor.model, "adabn", _Scans(predictor, kept, batch_size, num_workers), device=predictor.device)
+        _, adapted_logits, _, _ = _logits(predictor, kept, batch_size=batch_size, num_workers=num_workers)
+        cross_validated["adabn"] = _cross_validated(chosen, predictor.calibrator, adapted_logits, labels, positive, rule,
+                                                    threshold, seed)
+        adapted = adapted_logits
+    cv_loss = {name: float(log_loss(labels, np.clip(cv[0], 1e-12, 1), labels=range(len(predictor.classes))))
+               for name, cv in cross_validated.items()}
+    renormalized = normalization == "adabn" or (adapted is not None and cv_loss["adabn"] < cv_loss["keep"])
+    if renormalized and adapted is None:
+        raise ValueError(f"{bundle}: the model has no BatchNorm layers, so normalization 'adabn' cannot apply")
+    if adapted is not None and not renormalized:
+        predictor.model.load_state_dict(parent_state)
+    logits = adapted if renormalized else logits
+    cv_probs, cv_decisions, cv_how = cross_validated["adabn" if renormalized else "keep"]
     calibrator = _fit(chosen, predictor.calibrator, logits, labels)
     probs = calibrator.transform(logits)
     point = _choose_threshold(rule, threshold, labels, probs, positive)
-    cv_probs, cv_decisions, cv_how = _cross_validated(chosen, predictor.calibrator, logits, labels, positive, rule, threshold, seed)
-    before_probs = predictor.calibrate(logits)
+    before_probs = predictor.calibrate(parent_logits)
     before = local_figures(labels, before_probs, predictor.decide(before_probs), positive, seed=seed)
     after = local_figures(labels, cv_probs, cv_decisions, positive, seed=seed)
 
@@ -332,19 +358,24 @@ def recalibrate(
 
     local_set = {"manifest": str(local.resolve()), "scans": len(kept), "events": events, "per_class": counts,
                  "unreadable": len(failed), "sha256": _set_hash(kept, [label_of[p] for p in kept])}
+    how_norm = (f"AdaBN on the {len(kept)} local scans (BatchNorm statistics re-estimated; labels unused)" if renormalized
+                else "the parent's BatchNorm statistics")
+    norm_report = {"chosen": "adabn" if renormalized else "keep", "requested": normalization, "how": how_norm,
+                   "cross_validated_log_loss": {k: round(v, 4) for k, v in cv_loss.items()}}
     step = {"step": "recalibrate", "method": chosen, "requested": method, "rule": AUTO_RULE if method == "auto" else None,
-            "operating_point": how_op, "local_set": local_set}
+            "operating_point": how_op, "normalization": norm_report["chosen"], "local_set": local_set}
     meta = {**predictor.meta, "calibration": calibrator.to_dict(),
             "operating_point": point.to_dict() if isinstance(point, OperatingPoint) else predictor.meta.get("operating_point"),
             "provenance": _provenance(bundle, predictor, step)}
     report = {"parent": str(bundle.resolve()), "local_set": local_set, "method": chosen, "requested": method,
-              "rule": AUTO_RULE, "operating_point": how_op,
+              "rule": AUTO_RULE, "operating_point": how_op, "normalization": norm_report,
               "threshold": getattr(point, "threshold", point), "parent_threshold": threshold,
               "before": {**before, "how": "the parent bundle's calibration and threshold on every local scan"},
               "after": {**after, "how": f"{cv_how}: each scan scored by a recalibration and threshold fitted without it"},
               "warnings": warnings, "unreadable": [{"image": p, "error": e} for p, e in failed]}
     written = _write_bundle(bundle, out, meta, {"recalibration.json": json.dumps(report, indent=2),
-                                                "recalibration.md": _recalibration_text(report)})
+                                                "recalibration.md": _recalibration_text(report)},
+                            state=predictor.model.state_dict() if renormalized else None)
     return SiteUpdate(written, report, warnings)
 
 
@@ -356,7 +387,8 @@ def _recalibration_text(report: dict) -> str:
         f"Local set: `{report['local_set']['manifest']}`, {report['local_set']['scans']} scans, "
         f"{report['local_set']['events']} of the rarer class {report['local_set']['per_class']}  ",
         f"Method: **{report['method']}** (asked: {report['requested']}; {report['rule']})  ",
-        f"Operating point: {report['operating_point']}", "",
+        f"Operating point: {report['operating_point']}  ",
+        _normalization_line(report["normalization"]), "",
         "| on the local scans | before (parent) | after (cross-validated) |", "|---|---|---|",
         *(f"| {k} (95 % CI) | {_fmt(report['before'][k])} | {_fmt(report['after'][k])} |" for k in keys),
     ]
@@ -366,6 +398,11 @@ def _recalibration_text(report: dict) -> str:
     lines += ["", f"Before: {report['before']['how']}.  ", f"After: {report['after']['how']}.", ""]
     lines += [f"**Warning:** {w}" for w in report["warnings"]]
     return "\n".join(lines) + "\n"
+
+
+def _normalization_line(norm: dict) -> str:
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in norm["cross_validated_log_loss"].items())
+    return f"Normalisation: **{norm['how']}** (asked: {norm['requested']}; cross-validated log-loss: {losses})"
 
 
 # ---- adapt ---------------------------------------------------------------------------------------------

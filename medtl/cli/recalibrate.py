@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Refit a bundle's calibration on a few labelled scans from a new site.",
         description="Refit the calibrator of BUNDLE on LOCAL.csv (image,label: a small labelled sample from the "
         "deployment site, 50-100 scans recommended), re-choose the operating point and write a new bundle to --out "
-        "with the same weights, a provenance entry (parent hash, local set size, events and hash) and "
+        "with the same weights (or, when it helps, BatchNorm statistics re-estimated on the local scans), a provenance entry (parent hash, local set size, events and hash) and "
         "recalibration.md / recalibration.json: before/after figures on the local scans, the 'after' ones "
         "cross-validated within the local set (stratified 5-fold, leave-one-out under 30 scans).",
     )
@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--operating-point", default=None, metavar="RULE",
                        help="youden, most_probable, sensitivity=T or specificity=T: the rule for the new threshold (default: the bundle's).")
     group.add_argument("--keep-threshold", action="store_true", help="Keep the bundle's threshold.")
+    p.add_argument("--normalization", choices=("auto", "keep", "adabn"), default="auto",
+                   help="adabn: re-estimate the BatchNorm statistics on the local scans (AdaBN; labels unused) before "
+                   "recalibrating; keep: the bundle's own. auto (default): whichever gives the lower cross-validated "
+                   "log-loss on the local scans.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the cross-validation folds and bootstrap CIs (default 0).")
     p.add_argument("--batch-size", type=int, default=16, help="Scans per forward pass (default 16).")
     p.add_argument("--workers", type=int, default=0, help="Processes decoding scans in parallel (default 0).")
@@ -41,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
 
     parse_operating_point(args.operating_point)  # a bad rule fails before any scan is read
     result = recalibrate(args.bundle, args.local, args.out, method=args.method, operating_point=args.operating_point,
-                         keep_threshold=args.keep_threshold, seed=args.seed, batch_size=args.batch_size, num_workers=args.workers)
+                         keep_threshold=args.keep_threshold, normalization=args.normalization, seed=args.seed, batch_size=args.batch_size, num_workers=args.workers)
     r = result.report
     print(f"recalibrated with '{r['method']}' on {r['local_set']['scans']} local scans ({r['local_set']['events']} of the "
           f"rarer class); operating point {r['operating_point']}")
+    print(f"  normalisation: {r['normalization']['how']}")
     for key in ("ece", "accuracy", "sensitivity", "specificity"):
         if key in r["before"]:
             b, a = r["before"][key], r["after"][key]
