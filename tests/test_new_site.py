@@ -190,10 +190,23 @@ def test_recalibrate_renormalises_on_the_local_scans_when_that_lowers_the_cross_
     auto = recalibrate(parent, local, site / "renormalised_auto")  # the default: the lower cross-validated loss
     losses = auto.report["normalization"]["cross_validated_log_loss"]
     assert losses == norm["cross_validated_log_loss"]
-    assert auto.report["normalization"]["chosen"] == min(losses, key=losses.get)
+    shifted = auto.report["normalization"]["shift_test"].startswith("these scans look unlike")
+    assert shifted or auto.report["normalization"]["shift_test"].startswith("no shift detected")
+    assert auto.report["normalization"]["chosen"] == ("adabn" if shifted else min(losses, key=losses.get))
     kept = load_file(str(auto.bundle / "model.safetensors"))
     assert all(torch.equal(kept[k], (new if auto.report["normalization"]["chosen"] == "adabn" else old)[k]) for k in old)
     assert "Normalisation:" in (auto.bundle / "recalibration.md").read_text()
+
+
+@pytest.mark.parametrize("shifted", [True, False])
+def test_recalibrate_renormalises_local_scans_that_look_shifted(site, monkeypatch, shifted):
+    from medtl.bundle import recalibrate
+
+    verdict = {"shifted": shifted, "message": "these scans look unlike the training data" if shifted else "no shift detected"}
+    monkeypatch.setattr(FeatureReference, "shift_test", lambda self, features, seed=0: verdict)
+    report = recalibrate(site / "run" / "bundle", site / "local.csv", site / f"flagged_{shifted}").report["normalization"]
+    losses = report["cross_validated_log_loss"]
+    assert report["chosen"] == ("adabn" if shifted else min(losses, key=losses.get))
 
 
 def test_cross_validated_figures_never_score_a_scan_on_its_own_fit(site, monkeypatch):

@@ -1,8 +1,8 @@
 """Trust at a new site: derive a bundle for a deployment site from a bundle trained elsewhere.
 
 - :func:`recalibrate`: a small labelled local sample refits the calibrator (and re-chooses the
-  operating point), after re-estimating the BatchNorm statistics on those scans (AdaBN) when that
-  lowers the cross-validated log-loss.  Its report scores the update by cross-validation within
+  operating point), after re-estimating the BatchNorm statistics on those scans (AdaBN) when they
+  look shifted or that lowers the cross-validated log-loss.  Its report scores the update by cross-validation within
   the local sample, so the "after" figures are never fitted and scored on the same scans.
 - :func:`adapt`: unlabelled local scans re-normalise the model (AdaBN or TENT, no retraining), and
   the site's prevalence is estimated from them (EM of Saerens et al. 2002).
@@ -291,8 +291,10 @@ def recalibrate(
     local probabilities by the bundle's rule, or by ``operating_point`` (``youden``, ``most_probable``,
     ``sensitivity=0.95``, ``specificity=0.9``); ``keep_threshold`` keeps the bundle's threshold.
     ``normalization``: ``adabn`` re-estimates the BatchNorm statistics on the local scans (labels
-    unused) before recalibrating, ``keep`` keeps the parent's, ``auto`` (default) does whichever
-    gives the lower cross-validated log-loss on the local scans.
+    unused) before recalibrating, ``keep`` keeps the parent's, ``auto`` (default) re-estimates them
+    when the bundle's shift test flags the local scans (their features are unlike the training
+    data's, so the stored statistics are not this site's) or when that gives the lower
+    cross-validated log-loss on the local scans.
     """
     bundle, local, out = Path(bundle), Path(local), Path(out)
     if out.exists():
@@ -303,7 +305,9 @@ def recalibrate(
         raise ValueError(f"unknown normalization '{normalization}'; choose one of {', '.join(NORMALIZATION_CHOICES)}")
     predictor = load(bundle)
     images, names = _check_local(local, predictor)
-    kept, logits, _, failed = _logits(predictor, images, batch_size=batch_size, num_workers=num_workers)
+    reference = predictor.reference
+    kept, logits, features, failed = _logits(predictor, images, batch_size=batch_size, num_workers=num_workers,
+                                             features=normalization == "auto" and reference is not None)
     label_of = dict(zip(images, names))
     labels = np.array([predictor.classes.index(label_of[p]) for p in kept], dtype=int)
     counts = _check_counts(local, labels, predictor.classes, len(failed))
@@ -332,7 +336,9 @@ def recalibrate(
         adapted = adapted_logits
     cv_loss = {name: float(log_loss(labels, np.clip(cv[0], 1e-12, 1), labels=range(len(predictor.classes))))
                for name, cv in cross_validated.items()}
-    renormalized = normalization == "adabn" or (adapted is not None and cv_loss["adabn"] < cv_loss["keep"])
+    shift = reference.shift_test(features, seed=seed) if features is not None else None
+    shifted = bool(shift and shift["shifted"])
+    renormalized = normalization == "adabn" or (adapted is not None and (shifted or cv_loss["adabn"] < cv_loss["keep"]))
     if renormalized and adapted is None:
         raise ValueError(f"{bundle}: the model has no BatchNorm layers, so normalization 'adabn' cannot apply")
     if adapted is not None and not renormalized:
@@ -361,7 +367,8 @@ def recalibrate(
     how_norm = (f"AdaBN on the {len(kept)} local scans (BatchNorm statistics re-estimated; labels unused)" if renormalized
                 else "the parent's BatchNorm statistics")
     norm_report = {"chosen": "adabn" if renormalized else "keep", "requested": normalization, "how": how_norm,
-                   "cross_validated_log_loss": {k: round(v, 4) for k, v in cv_loss.items()}}
+                   "cross_validated_log_loss": {k: round(v, 4) for k, v in cv_loss.items()},
+                   "shift_test": shift["message"] if shift else None}
     step = {"step": "recalibrate", "method": chosen, "requested": method, "rule": AUTO_RULE if method == "auto" else None,
             "operating_point": how_op, "normalization": norm_report["chosen"], "local_set": local_set}
     meta = {**predictor.meta, "calibration": calibrator.to_dict(),
@@ -402,7 +409,8 @@ def _recalibration_text(report: dict) -> str:
 
 def _normalization_line(norm: dict) -> str:
     losses = ", ".join(f"{k} {v:.4f}" for k, v in norm["cross_validated_log_loss"].items())
-    return f"Normalisation: **{norm['how']}** (asked: {norm['requested']}; cross-validated log-loss: {losses})"
+    shift = f"; shift test of the local scans: {norm['shift_test']}" if norm["shift_test"] else ""
+    return f"Normalisation: **{norm['how']}** (asked: {norm['requested']}; cross-validated log-loss: {losses}{shift})"
 
 
 # ---- adapt ---------------------------------------------------------------------------------------------
