@@ -39,7 +39,7 @@ from medtl.train import (
 )
 from medtl.train import Member, cross_validation_members, seed_members
 from medtl.transforms import build_transforms, make_preprocessing
-from medtl.adapt import NORMALIZATION_METHODS, TRAINING_METHODS, adapt_normalization, extract_features, make_domain_loss, make_strategy, site_shift
+from medtl.adapt import DOMAIN_LOSSES, NORMALIZATION, adapt_normalization, extract_features, make_domain_loss, make_strategy, site_shift
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class _Run:
         folder.mkdir(parents=True, exist_ok=True)
         train_items = labelled_items(member.train, self.classes)
         train_loader = self.loader(train_items, train=True, seed=member.seed)
-        target_train = self.loader(self.target_items, train=True, seed=member.seed) if acfg.domain in TRAINING_METHODS else None
+        target_train = self.loader(self.target_items, train=True, seed=member.seed) if acfg.domain in DOMAIN_LOSSES else None
         warning = check_batch(next(iter(val_loader))["image"], self.pre["normalization"])
         if warning:
             log.warning("%s", warning)
@@ -455,7 +455,7 @@ def _finish(run: _Run, fitted: list[_Fitted], parts: dict[str, list[ScanRecord]]
                       "member that did not train on it; the calibrator and threshold were fitted on these predictions too, "
                       "so the calibration figures are optimistic)" if folds else
                       "internal validation split (also used for model selection, calibration and the threshold: optimistic)")
-    if run.target_eval is not None and acfg.domain in NORMALIZATION_METHODS:
+    if run.target_eval is not None and acfg.domain in NORMALIZATION:
         adapt_normalization(model, acfg.domain, run.target_eval, tent_lr=acfg.tent_lr, tent_steps=acfg.tent_steps, device=device)
         evaluation += (f"; figures of the model before its {acfg.domain} step, which re-normalises with the target scans' "
                        "statistics: the bundle holds the adapted model, for the target site (check it there with medtl evaluate)")

@@ -83,7 +83,7 @@ def test_domain_adversarial_loss_handles_many_sites_and_reverses_into_features()
 
 def test_cdan_uses_randomized_map_for_large_products():
     term = make_domain_loss("cdan", 600, 2)
-    assert term.loss.randomized
+    assert term.loss.adversarial.randomized
     value = term(torch.randn(4, 600), torch.randn(4, 600), torch.randn(4, 2), torch.randn(4, 2))
     assert torch.isfinite(value)
     assert make_domain_loss("adabn", 8, 2) is None

@@ -18,17 +18,20 @@ from medtl.backbones.inputs import check_batch, normalize
 from medtl.backbones.model import Classifier, Ensemble, create
 from medtl.backbones.rank import BackboneScore, logme, parse_candidates, rank_backbones
 from medtl.backbones.registry import (
-    REGISTRY_ENTRIES,
     BackboneSpec,
     Preprocessing,
+    backbone_entries,
     get_spec,
     list_backbones,
     preprocessing_for,
+    register_backbone,
 )
+from medtl.registry import BACKBONES  # filled by medtl.backbones.registry
 from medtl.backbones.sources import ExpectedFile, expected_files, imagenet_checkpoint
 from medtl.backbones.weights import LoadReport, WeightsMismatchError
 
 __all__ = [
+    "BACKBONES",
     "BackboneScore",
     "BackboneSpec",
     "ChecksumError",
@@ -37,11 +40,11 @@ __all__ = [
     "ExpectedFile",
     "LoadReport",
     "Preprocessing",
-    "REGISTRY_ENTRIES",
     "WeightsFormatError",
     "WeightsMismatchError",
     "WeightsNotFoundError",
     "adapt_input_channels",
+    "backbone_entries",
     "check_batch",
     "create",
     "expected_files",
@@ -55,6 +58,7 @@ __all__ = [
     "parse_candidates",
     "preprocessing_for",
     "rank_backbones",
+    "register_backbone",
     "sha256_file",
     "weights_dir",
 ]

@@ -31,9 +31,10 @@ from safetensors.numpy import load_file, save_file
 from scipy.spatial.distance import cdist
 from sklearn.covariance import LedoitWolf
 
+from medtl.bundle_format import REFERENCE_FILE
+
 log = logging.getLogger(__name__)
 
-REFERENCE_FILE = "reference.safetensors"
 SAMPLE_SIZE = 500  # reference scans kept for the two-sample test (and scans drawn from a folder)
 LEVEL = 0.01  # default level of the folder-level verdict: 1.5-2 % false alarms on in-distribution folders (docs/benchmarks.md)
 

@@ -17,7 +17,10 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax
 from sklearn.exceptions import NotFittedError
 
+from medtl.registry import CALIBRATORS, LOCAL_UPDATES
+
 _Self = TypeVar("_Self", bound="Calibrator")
+_C = TypeVar("_C", bound=type)
 
 
 def check_logits(logits: Any, n_classes: int | None = None) -> np.ndarray:
@@ -151,3 +154,13 @@ class Calibrator(ABC):
     @abstractmethod
     def _load(self, d: Mapping[str, Any], n_classes: int) -> None: ...
 
+
+
+def register_calibrator(cls: _C) -> _C:
+    """Class decorator: make a :class:`Calibrator` subclass a ``calibration.method`` under its ``method`` name."""
+    return CALIBRATORS.register(cls.method)(cls)
+
+
+def register_local_update(cls: _C) -> _C:
+    """Class decorator: an update of a fitted calibrator for a new site (``medtl recalibrate``), not a training method."""
+    return LOCAL_UPDATES.register(cls.method)(cls)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, log_expit
 
-from medtl.calibrate.base import Calibrator, lbfgs, param_array
+from medtl.calibrate.base import Calibrator, register_local_update, lbfgs, param_array
 from medtl.calibrate.binary import _two_columns
 
 
@@ -85,6 +85,7 @@ class _LogOddsUpdate(Calibrator):
         self.base = calibrator_from_dict(d["base"])
 
 
+@register_local_update
 class InterceptUpdate(_LogOddsUpdate):
     """Calibration-in-the-large: shift the base calibrator's log-odds by one fitted intercept."""
 
@@ -92,6 +93,7 @@ class InterceptUpdate(_LogOddsUpdate):
     free_slope = False
 
 
+@register_local_update
 class LogisticRecalibration(_LogOddsUpdate):
     """Logistic recalibration: a slope (``>= 0``) and an intercept on the base calibrator's log-odds."""
 

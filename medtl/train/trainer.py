@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from medtl.adapt import DomainTerm, FullFineTuning, target_scores
+from medtl.adapt import SCORES, DomainTerm, FullFineTuning, target_scores
 from medtl.config import TrainConfig
 from medtl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medtl.train.data import sharded, start_epoch
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_auroc", "lr", "seconds", "images_per_s")
 DOMAIN_FIELDS = ("domain_loss",)
-TARGET_FIELDS = ("target_im", "target_entropy", "target_snd")
 POSTFIX_EVERY = 20  # steps between progress-bar updates (each one waits for the device)
 
 
@@ -304,7 +303,7 @@ class Trainer:
         steps = self.cfg.epochs * per_epoch
         schedule = _warmup_cosine(steps, warmup_steps=min(per_epoch, steps // 10 + 1))
         self._step, self._total_steps = 0, max(steps, 1)
-        fields = HISTORY_FIELDS + (DOMAIN_FIELDS if self.domain is not None else ()) + (TARGET_FIELDS if target_eval_loader else ())
+        fields = HISTORY_FIELDS + (DOMAIN_FIELDS if self.domain is not None else ()) + (tuple(f"target_{name}" for name in SCORES) if target_eval_loader else ())
         result = FitResult(selection=self.selection)
         best_key, best_state, stale, stopped, first_epoch = (-math.inf, -math.inf), None, 0, False, 1
         if resume:
