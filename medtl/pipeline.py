@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from medtl import bundle as bundles
 from medtl.bundle import FeatureReference
 from medtl.bundle.bundle import CONFIG_FILE as BUNDLE_CONFIG
-from medtl.backbones import Ensemble, check_batch, create, get_spec, preprocessing_for
+from medtl.backbones import Ensemble, check_batch, create, extract_features, get_spec, preprocessing_for
 from medtl.calibrate import make_calibrator
 from medtl.config import AdaptConfig, Config, dump_config, load_config
 from medtl.infer import ERROR_COLUMNS, iter_logits, write_table
@@ -34,12 +34,12 @@ from medtl.metrics import OperatingPoint, choose_operating_point
 from medtl.recipe import fingerprint, resolve_recipe
 from medtl.report import run_info, write_report
 from medtl.train import (
-    CHECKPOINT_FILE, FitResult, Trainer, class_weights, is_main, labelled_items, make_loader, micro_batch_size, resolve_classes,
-    resolve_device, world_size,
+    CHECKPOINT_FILE, FitResult, Trainer, class_weights, is_main, labelled_items, make_loader, micro_batch_size, predict_logits,
+    resolve_classes, resolve_device, softmax, world_size,
 )
 from medtl.train import Member, cross_validation_members, seed_members
 from medtl.transforms import build_transforms, make_preprocessing
-from medtl.adapt import DOMAIN_LOSSES, NORMALIZATION, adapt_normalization, extract_features, make_domain_loss, make_strategy, site_shift
+from medtl.adapt import DOMAIN_LOSSES, NORMALIZATION, adapt_normalization, make_domain_loss, make_strategy, site_shift
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +65,10 @@ def _positive_index(classes: Sequence[str], configured: str | None) -> int | Non
     return list(classes).index(configured)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
-
-
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     """Log-probabilities: the form an :class:`~medtl.backbones.Ensemble` outputs, so a calibrator
     fitted on members' out-of-fold log-probabilities applies to the ensemble's output."""
     return torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
-
-
-@torch.inference_mode()
-def _predict_logits(model: torch.nn.Module, loader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of every item in ``loader``, model in eval mode."""
-    model.eval()
-    logits, labels = [], []
-    for batch in loader:
-        logits.append(model(batch["image"].to(device)).float().cpu())
-        labels.append(torch.as_tensor(batch["label"]))
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
 def _partition_summary(parts: dict[str, list[ScanRecord]], classes: Sequence[str]) -> dict[str, Any]:
@@ -276,7 +261,7 @@ class _Run:
             model.load_state_dict(load_file(str(folder / "model.safetensors")))
             device = resolve_device(tcfg.device)
             model = model.to(device)
-            logits, labels = _predict_logits(model, val_loader, device) if is_main() else (None, None)
+            logits, labels = predict_logits(model, val_loader, device) if is_main() else (None, None)
             log.info("member %s: finished before, read back from %s", member.name, folder)
             return _Fitted(member, model, FitResult(**json.loads(done.read_text())["fit"]), logits, labels)
         folder.mkdir(parents=True, exist_ok=True)
@@ -297,7 +282,8 @@ class _Run:
         if keep:
             save_file({k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}, str(folder / "model.safetensors"))
             done.write_text(json.dumps({"name": member.name, "seed": member.seed, "fit": asdict(fit)}))
-        logits, labels = trainer.predict_logits(val_loader)
+        logits, labels = predict_logits(trainer.model, val_loader, amp_dtype=trainer.amp_dtype,
+                                        memory_format=trainer.memory_format)
         return _Fitted(member, trainer.model, fit, logits, labels)
 
 
@@ -317,7 +303,7 @@ def _member_summary(fitted: Sequence[_Fitted]) -> dict[str, Any]:
 def _site_shift(before: np.ndarray, model: torch.nn.Module, device, loaders: Sequence, sites: Sequence[str], config: Config) -> dict:
     """Proxy A-distances and 2D embeddings of the evaluated (and target) scans' features, with the
     initial backbone and with the trained model."""
-    after = extract_features(model, chain(*loaders), device)
+    after, _ = extract_features(model, chain(*loaders), device)
     adapt = config.adapt.strategy + ("" if config.adapt.domain == "none" else f" + {config.adapt.domain}")
     return {
         "before": {**site_shift(before, sites, seed=config.train.seed), "label": f"initial backbone ({config.model.weights})"},
@@ -416,7 +402,7 @@ def _report_plan(run: _Run, parts: dict[str, list[ScanRecord]], members: Sequenc
     before = None
     if is_main() and len(set(sites)) > 1:
         set_determinism(seed=run.config.train.seed)
-        before = extract_features(run.model(), chain(*shift_loaders))
+        before, _ = extract_features(run.model(), chain(*shift_loaders))
     return _ReportPlan(records, loader if "test" in parts else None, shift_loaders, sites, before)
 
 
@@ -435,7 +421,7 @@ def _finish(run: _Run, fitted: list[_Fitted], parts: dict[str, list[ScanRecord]]
         cal_logits = np.concatenate([_log_softmax(f.val_logits) for f in fitted])
         cal_labels = np.concatenate([f.val_labels for f in fitted])
     elif ensemble:
-        cal_logits = np.log(np.mean([_softmax(f.val_logits) for f in fitted], axis=0))
+        cal_logits = np.log(np.mean([softmax(f.val_logits) for f in fitted], axis=0))
         cal_labels = fitted[0].val_labels
     else:
         cal_logits, cal_labels = fitted[0].val_logits, fitted[0].val_labels
@@ -447,7 +433,7 @@ def _finish(run: _Run, fitted: list[_Fitted], parts: dict[str, list[ScanRecord]]
         operating_point = choose_operating_point((cal_labels == positive).astype(int), scores, opcfg.method, opcfg.target)
 
     if plan.loader is not None:
-        logits, labels = _predict_logits(model, plan.loader, device)
+        logits, labels = predict_logits(model, plan.loader, device)
         evaluation = "held-out test split of the training manifest (internal)"
     else:
         logits, labels = cal_logits, cal_labels
@@ -506,7 +492,7 @@ def _finish(run: _Run, fitted: list[_Fitted], parts: dict[str, list[ScanRecord]]
     metrics = write_report(
         run_dir / "report",
         y_true=labels,
-        probs_uncalibrated=_softmax(logits),
+        probs_uncalibrated=softmax(logits),
         probs_calibrated=calibrator.transform(logits),
         class_names=classes,
         positive_index=positive,
@@ -571,7 +557,7 @@ def evaluate(
     return write_report(
         out_dir,
         y_true=labels,
-        probs_uncalibrated=_softmax(logits_arr),
+        probs_uncalibrated=softmax(logits_arr),
         probs_calibrated=predictor.calibrate(logits_arr),
         class_names=predictor.classes,
         positive_index=predictor.positive_index,

@@ -2,7 +2,7 @@
 (AdaBN, TENT), label-free model-selection scores and site-shift diagnostics.  See docs/adapt.md."""
 
 from medtl.adapt.blocks import Block, backbone_blocks
-from medtl.adapt.diagnostics import extract_features, proxy_a_distance, site_shift
+from medtl.adapt.diagnostics import proxy_a_distance, site_shift
 from medtl.adapt.domain import (
     ConditionalDomainAdversarialLoss,
     CoralLoss,
@@ -51,7 +51,6 @@ __all__ = [
     "batch_statistics",
     "dann_coefficient",
     "entropy",
-    "extract_features",
     "information_maximization",
     "make_domain_loss",
     "make_strategy",

@@ -25,16 +25,6 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 
-@torch.inference_mode()
-def extract_features(model: nn.Module, batches: Iterable, device: torch.device | str = "cpu") -> np.ndarray:
-    """Pooled backbone features ``(N, D)`` of every batch (dicts with ``image``), model in eval mode."""
-    was_training = model.training
-    model.eval()
-    features = [model.forward_features(batch["image"].to(device)).float().cpu() for batch in batches]
-    model.train(was_training)
-    return torch.cat(features).numpy()
-
-
 def proxy_a_distance(features_a: np.ndarray, features_b: np.ndarray, *, folds: int = 5, seed: int = 0) -> float:
     """``2 (1 - 2 err)`` with ``err`` the cross-validated error of a linear site classifier
     (standardised features, L2 logistic regression, balanced classes), clipped at 0."""

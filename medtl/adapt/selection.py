@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medtl.adapt.domain import entropy
 from medtl.registry import SCORES
 
 _F = TypeVar("_F", bound=Callable)
@@ -28,21 +29,17 @@ def register_score(name: str) -> Callable[[_F], _F]:
     return SCORES.register(name)
 
 
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
-
-
 @register_score("im")
 def information_maximization(logits: torch.Tensor) -> float:
     """``H(mean p) - mean H(p)`` in nats."""
-    p = F.softmax(logits.double(), dim=1)
-    return float(_entropy(p.mean(0)) - _entropy(p).mean())
+    log_p = F.log_softmax(logits.double(), dim=1)
+    return float(entropy(log_p.exp().mean(0).log()) - entropy(log_p).mean())
 
 
 @register_score("entropy")
 def negative_entropy(logits: torch.Tensor) -> float:
     """``-mean H(p)`` in nats."""
-    return float(-_entropy(F.softmax(logits.double(), dim=1)).mean())
+    return float(-entropy(F.log_softmax(logits.double(), dim=1)).mean())
 
 
 @register_score("snd")
@@ -51,7 +48,7 @@ def soft_neighborhood_density(logits: torch.Tensor, temperature: float = 0.05) -
     z = F.normalize(F.softmax(logits.double(), dim=1), dim=1)
     sim = z @ z.T / temperature
     sim.fill_diagonal_(-torch.inf)
-    return float(_entropy(F.softmax(sim, dim=1)).mean())
+    return float(entropy(F.log_softmax(sim, dim=1)).mean())
 
 
 def target_scores(logits: np.ndarray | torch.Tensor) -> dict[str, float]:

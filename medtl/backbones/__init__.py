@@ -15,7 +15,7 @@ from medtl.backbones.files import (
     weights_dir,
 )
 from medtl.backbones.inputs import check_batch, normalize
-from medtl.backbones.model import Classifier, Ensemble, create
+from medtl.backbones.model import Classifier, Ensemble, create, extract_features
 from medtl.backbones.rank import BackboneScore, logme, parse_candidates, rank_backbones
 from medtl.backbones.registry import (
     BackboneSpec,
@@ -48,6 +48,7 @@ __all__ = [
     "check_batch",
     "create",
     "expected_files",
+    "extract_features",
     "get_spec",
     "imagenet_checkpoint",
     "inflate_to_3d",

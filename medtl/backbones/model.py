@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -83,6 +84,27 @@ class Ensemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Log of the mean member probability, (B, num_classes)."""
         return torch.logsumexp(self.member_logits(x).log_softmax(dim=2), dim=0) - math.log(len(self.members))
+
+
+@torch.inference_mode()
+def extract_features(model: nn.Module, batches: Iterable, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray | None]:
+    """Pooled features ``(N, feature_dim)`` (float32, by ``model.forward_features`` in eval mode;
+    the model's mode is restored after) of every batch, and the batches' labels (None when they
+    have none).  A batch is a dict with ``image`` (and ``label``) or an ``(images, labels)`` pair."""
+    was_training = model.training
+    model.eval()
+    features, labels = [], []
+    try:
+        for batch in batches:
+            images, target = (batch["image"], batch.get("label")) if isinstance(batch, Mapping) else batch
+            features.append(model.forward_features(images.to(device)).float().cpu())
+            if target is not None:
+                labels.append(np.asarray(target).reshape(-1))
+    finally:
+        model.train(was_training)
+    if not features:
+        raise ValueError("no batches to extract features from")
+    return torch.cat(features).numpy(), np.concatenate(labels) if labels else None
 
 
 def build_backbone(spec: BackboneSpec, in_channels: int) -> nn.Module:
