@@ -7,6 +7,7 @@ overrides are parsed as YAML scalars and validated like the file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +31,9 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     manifest: Path | None = Field(None, description="Manifest CSV (image, label[, site, patient_id, split]).")
-    target_manifest: Path | None = Field(None, description="Unlabelled target-site scans for adapt.domain: an image column (labels ignored; no site = site 'target').")
+    target_manifest: Path | None = Field(
+        None, description="Unlabelled target-site scans for adapt.domain: an image column (labels ignored; no site = site 'target')."
+    )
     spatial_dims: Literal[2, 3] = 2
     image_size: list[int] | None = Field(None, description="Network input size; default: the backbone's.")
     intensity: Literal["auto", "cxr", "ct", "mr", "none"] = Field(
@@ -164,7 +167,7 @@ class OperatingPointConfig(_Section):
     target: float | None = Field(None, gt=0, lt=1, description="Target sensitivity/specificity.")
 
     @model_validator(mode="after")
-    def _target_needed(self) -> "OperatingPointConfig":
+    def _target_needed(self) -> OperatingPointConfig:
         if self.method in ("sensitivity", "specificity") and self.target is None:
             raise ValueError(f"operating_point.method={self.method} needs operating_point.target")
         return self
@@ -212,7 +215,7 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 DATA_PATHS = ("manifest", "target_manifest")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config and apply ``key=value`` overrides.  Relative manifest paths are resolved
     against the config file's folder when written in the file, and against the working directory
     when given as an override (as a path typed on the command line is)."""

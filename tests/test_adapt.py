@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from helpers import TinyClassifier, tiny_loader
 from medtl.adapt import (

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.special import expit, softmax
+from scipy.special import expit
 
 from helpers import write_small_split
 from medtl.bundle import FeatureReference, bundle_hash, em_prevalence, load

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from medtl.adapt import proxy_a_distance, site_shift
-from medtl.backbones import extract_features
-from medtl.backbones import create
+from medtl.backbones import create, extract_features
 from medtl.report import write_report
 
 

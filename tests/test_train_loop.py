@@ -29,7 +29,8 @@ def test_trainer_learns_restores_best_and_logs(tmp_path, tiny_model, tiny_data):
 
 def test_early_stopping_stops_after_patience(tiny_model, tiny_data):
     cfg = TrainConfig(epochs=20, lr=1e-9, head_lr=1e-9, patience=2, device="cpu")
-    result = Trainer(tiny_model(), make_strategy("full"), cfg).fit(tiny_data(32, 0, batch_size=16, shuffle=True), tiny_data(32, 1, batch_size=16, shuffle=False))
+    trainer = Trainer(tiny_model(), make_strategy("full"), cfg)
+    result = trainer.fit(tiny_data(32, 0, batch_size=16, shuffle=True), tiny_data(32, 1, batch_size=16, shuffle=False))
     assert len(result.history) < 20
 
 

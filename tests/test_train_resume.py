@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader
 
+from helpers import TinyClassifier, tiny_loader, write_small_split
 from medtl.adapt import make_domain_loss, make_strategy
 from medtl.cli import main
 from medtl.config import Config, TrainConfig, dump_config
-from helpers import TinyClassifier, tiny_loader, write_small_split
 from medtl.pipeline import train
-from medtl.train import Trainer, checkpoint as ckpt
+from medtl.train import Trainer
+from medtl.train import checkpoint as ckpt
 from medtl.train import trainer as trainer_module
 from medtl.train.memory import checkpoint_blocks
 from medtl.train.precision import resolve_amp

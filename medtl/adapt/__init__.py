@@ -9,15 +9,15 @@ from medtl.adapt.domain import (
     DomainAdversarialLoss,
     DomainDiscriminator,
     DomainTerm,
-    TwoSites,
     GradientReverseFunction,
     GradientReverseLayer,
     MultiKernelMMDLoss,
+    TwoSites,
     dann_coefficient,
     entropy,
     make_domain_loss,
-    register_domain_loss,
     prediction_entropy,
+    register_domain_loss,
     reverse_gradient,
 )
 from medtl.adapt.norm import Tent, adabn, adapt_normalization, batch_statistics, norm_affine_parameters, register_normalization

@@ -25,7 +25,7 @@ from medtl.adapt.blocks import Block, backbone_blocks
 from medtl.config import AdaptConfig, TrainConfig
 from medtl.registry import STRATEGIES
 
-_S = TypeVar("_S", bound=type)
+_S = TypeVar("_S", bound="type[FullFineTuning]")
 
 
 def register_strategy(cls: _S) -> _S:

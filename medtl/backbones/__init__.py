@@ -26,9 +26,9 @@ from medtl.backbones.registry import (
     preprocessing_for,
     register_backbone,
 )
-from medtl.registry import BACKBONES  # filled by medtl.backbones.registry
 from medtl.backbones.sources import ExpectedFile, expected_files, imagenet_checkpoint
 from medtl.backbones.weights import LoadReport, WeightsMismatchError
+from medtl.registry import BACKBONES  # filled by medtl.backbones.registry
 
 __all__ = [
     "BACKBONES",

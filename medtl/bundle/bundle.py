@@ -110,7 +110,7 @@ class Predictor(ScanAPI):
         self._forward: torch.nn.Module = self.model
         self.reference: FeatureReference | None = None  # set by load() from reference.safetensors
 
-    def accelerate(self, *, channels_last: bool = True, amp: bool = False, compile: bool = False) -> "Predictor":
+    def accelerate(self, *, channels_last: bool = True, amp: bool = False, compile: bool = False) -> Predictor:
         """Tune the forward pass for throughput: channels-last memory where the network gains
         from it, autocast to bfloat16/float16 on GPUs (``amp``), ``torch.compile`` with an eager
         fallback (``compile``).  Returns ``self``."""

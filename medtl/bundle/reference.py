@@ -50,7 +50,7 @@ class FeatureReference:
     sample: np.ndarray
 
     @classmethod
-    def fit(cls, train: np.ndarray, train_labels: Sequence[int], val: np.ndarray, *, seed: int = 0) -> "FeatureReference":
+    def fit(cls, train: np.ndarray, train_labels: Sequence[int], val: np.ndarray, *, seed: int = 0) -> FeatureReference:
         """Class means and shrunk shared covariance from ``train`` features; validation
         distances and the two-sample reference (at most :data:`SAMPLE_SIZE`) from ``val``."""
         train, val = np.asarray(train, dtype=np.float64), np.asarray(val, dtype=np.float64)

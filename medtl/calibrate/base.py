@@ -21,7 +21,7 @@ from medtl.checks import class_indices
 from medtl.registry import CALIBRATORS, LOCAL_UPDATES
 
 _Self = TypeVar("_Self", bound="Calibrator")
-_C = TypeVar("_C", bound=type)
+_C = TypeVar("_C", bound="type[Calibrator]")
 
 
 def check_logits(logits: Any, n_classes: int | None = None) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, log_expit, log_softmax
 
-from medtl.calibrate.base import Calibrator, register_calibrator, lbfgs, param_array
+from medtl.calibrate.base import Calibrator, lbfgs, param_array, register_calibrator
 
 
 def _fit_logistic(features: np.ndarray, positive: np.ndarray, start: np.ndarray, bounds=None) -> np.ndarray:

@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, log_expit
 
-from medtl.calibrate.base import Calibrator, register_local_update, lbfgs, param_array
+from medtl.calibrate.base import Calibrator, lbfgs, param_array, register_local_update
 from medtl.calibrate.binary import _two_columns
-
 
 PRIOR_SD = {"slope": 1.0, "intercept": 2.0}
 

@@ -14,7 +14,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
-from medtl.calibrate.base import Calibrator, register_calibrator, lbfgs, mean_nll, param_array, softmax_nll_and_grad
+from medtl.calibrate.base import Calibrator, lbfgs, mean_nll, param_array, register_calibrator, softmax_nll_and_grad
 
 _LOG_T_BOUNDS = (np.log(1e-2), np.log(1e2))
 

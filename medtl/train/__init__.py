@@ -2,8 +2,8 @@
 
 from medtl.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from medtl.train.data import class_weights, labelled_items, make_loader, micro_batch_size, resolve_classes
-from medtl.train.folds import Member, cross_validation_members, seed_members
 from medtl.train.distributed import distributed_session, is_main, world_size
+from medtl.train.folds import Member, cross_validation_members, seed_members
 from medtl.train.inference import predict_logits, softmax
 from medtl.train.trainer import FitResult, Trainer, resolve_device
 
