@@ -1,11 +1,12 @@
 # Two entry points: `make demo` runs the main job on the embedded synthetic data,
-# `make test` runs the test suite. Both create or reuse the local virtual environment.
+# `make test` checks the code (ruff, mypy: `make lint`) and runs the test suite. Both create or
+# reuse the local virtual environment.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medtl-installed
 
-.PHONY: demo test install clean
+.PHONY: demo lint test install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +19,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/medtl demo --out runs/demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check medtl tests scripts
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -7,13 +7,22 @@ overrides are parsed as YAML scalars and validated like the file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medtl.config_errors import backbone_line, validation_lines, yaml_problem
+from medtl.registry import CALIBRATORS, DOMAIN_LOSSES, NORMALIZATION, SCORES, STRATEGIES, Registry, RegistryError
+
+
+def _registered(value: str, registry: Registry, *extra: str, kind: str | None = None) -> str:
+    """``value`` when it is one of ``extra`` or a name in ``registry``; else the registry's one-line error."""
+    if value in extra or value in registry:
+        return value
+    raise RegistryError(registry.unknown(value, [*extra, *registry], kind))
 
 
 class _Section(BaseModel):
@@ -22,7 +31,9 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     manifest: Path | None = Field(None, description="Manifest CSV (image, label[, site, patient_id, split]).")
-    target_manifest: Path | None = Field(None, description="Unlabelled target-site scans for adapt.domain: an image column (labels ignored; no site = site 'target').")
+    target_manifest: Path | None = Field(
+        None, description="Unlabelled target-site scans for adapt.domain: an image column (labels ignored; no site = site 'target')."
+    )
     spatial_dims: Literal[2, 3] = 2
     image_size: list[int] | None = Field(None, description="Network input size; default: the backbone's.")
     intensity: Literal["auto", "cxr", "ct", "mr", "none"] = Field(
@@ -66,9 +77,7 @@ class ModelConfig(_Section):
 class AdaptConfig(_Section):
     """Transfer: fine-tuning strategy and options, domain adaptation, label-free model selection (docs/adapt.md)."""
 
-    strategy: Literal["full", "linear_probe", "lp_ft", "gradual_unfreeze"] = Field(
-        "full", description="Fine-tuning strategy (medtl.adapt)."
-    )
+    strategy: str = Field("full", description="Fine-tuning strategy: a name registered in medtl.adapt (full, linear_probe, lp_ft, gradual_unfreeze).")
     probe_epochs: int | None = Field(None, ge=1, description="lp_ft: epochs of stage 1 (head only); default half of train.epochs.")
     stage2_lr_factor: float = Field(0.1, gt=0, description="lp_ft: stage-2 rates are the configured ones times this.")
     unfreeze_every: int = Field(1, ge=1, description="gradual_unfreeze: epochs between unfreezing one more block from the top.")
@@ -78,18 +87,34 @@ class AdaptConfig(_Section):
     bn: Literal["train", "frozen_stats", "frozen"] = Field(
         "train", description="BatchNorm: train | frozen_stats (running statistics kept) | frozen (statistics and affine kept)."
     )
-    domain: Literal["none", "dann", "cdan", "coral", "mmd", "adabn", "tent"] = Field(
-        "none", description="Domain adaptation to the unlabelled target scans (rows with a site and no label, or data.target_manifest)."
+    domain: str = Field(
+        "none", description="Domain adaptation to the unlabelled target scans (rows with a site and no label, or data.target_manifest): "
+        "none, a registered domain loss (dann, cdan, coral, mmd) or normalisation step after training (adabn, tent)."
     )
     domain_weight: float = Field(1.0, ge=0, description="Weight of the domain loss (dann, cdan, coral, mmd).")
     cdan_entropy: bool = Field(True, description="cdan: weight examples by prediction certainty (CDAN+E).")
     tent_steps: int = Field(1, ge=1, description="tent: passes over the target scans.")
     tent_lr: float = Field(1e-4, gt=0, description="tent: Adam rate on the normalisation affine parameters.")
-    selection: Literal["source_val", "im", "entropy", "snd"] = Field(
+    selection: str = Field(
         "source_val",
-        description="Early stopping / best epoch: source validation AUROC, or a label-free score on the target scans "
-        "(information maximisation, negative entropy, soft neighbourhood density).",
+        description="Early stopping / best epoch: source validation AUROC, or a registered label-free score on the target scans "
+        "(im: information maximisation, entropy: negative entropy, snd: soft neighbourhood density).",
     )
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, value: str) -> str:
+        return _registered(value, STRATEGIES)
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        return _registered(value, DOMAIN_LOSSES, "none", *NORMALIZATION, kind="domain adaptation method")
+
+    @field_validator("selection")
+    @classmethod
+    def _selection(cls, value: str) -> str:
+        return _registered(value, SCORES, "source_val")
 
 
 class TrainConfig(_Section):
@@ -122,11 +147,17 @@ class TrainConfig(_Section):
 
 
 class CalibrationConfig(_Section):
-    method: Literal["auto", "temperature", "vector", "matrix", "platt", "isotonic", "beta", "none"] = Field(
+    method: str = Field(
         "auto",
-        description="Post-hoc calibration of the logits on the validation split (medtl.calibrate); "
-        "auto = platt for two classes, temperature otherwise; platt and beta are binary-only.",
+        description="Post-hoc calibration of the logits on the validation split: auto or a name registered in medtl.calibrate "
+        "(temperature, vector, matrix, platt, isotonic, beta, none); auto = platt for two classes, temperature otherwise; "
+        "platt and beta are binary-only.",
     )
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        return _registered(value, CALIBRATORS, "auto")
 
 
 class OperatingPointConfig(_Section):
@@ -136,7 +167,7 @@ class OperatingPointConfig(_Section):
     target: float | None = Field(None, gt=0, lt=1, description="Target sensitivity/specificity.")
 
     @model_validator(mode="after")
-    def _target_needed(self) -> "OperatingPointConfig":
+    def _target_needed(self) -> OperatingPointConfig:
         if self.method in ("sensitivity", "specificity") and self.target is None:
             raise ValueError(f"operating_point.method={self.method} needs operating_point.target")
         return self
@@ -184,7 +215,7 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 DATA_PATHS = ("manifest", "target_manifest")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config and apply ``key=value`` overrides.  Relative manifest paths are resolved
     against the config file's folder when written in the file, and against the working directory
     when given as an override (as a path typed on the command line is)."""

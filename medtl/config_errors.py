@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from medtl.registry import BACKBONES, RegistryError
+
 
 def yaml_problem(err: Exception) -> str:
     """A YAML parse error in one line: the problem and where (line and column, counted from 1)."""
@@ -61,7 +63,9 @@ def validation_lines(err: ValidationError, model: type[BaseModel], overrides: Ma
         message = error["msg"].removeprefix("Value error, ")
         got = error.get("input")
         text = f"{where}: {key or 'config'}: {message}"
-        if error["type"] == "literal_error":
+        if isinstance(error.get("ctx", {}).get("error"), RegistryError):
+            text = f"{where}: {key}: {error['ctx']['error']}"
+        elif error["type"] == "literal_error":
             options = re.findall(r"'([^']*)'", error.get("ctx", {}).get("expected", ""))
             text = f"{where}: {key}: '{got}' is not allowed" + did_you_mean(str(got), options)
         elif not isinstance(got, (dict, list)) and error["type"] != "missing":
@@ -73,10 +77,5 @@ def validation_lines(err: ValidationError, model: type[BaseModel], overrides: Ma
 def backbone_line(config: Any, overrides: Mapping[str, str], path: str | Path | None) -> str | None:
     """The line for a ``model.backbone`` the registry lacks in ``data.spatial_dims``, or None;
     checked with the config so that no run folder is made for a model that cannot be built."""
-    from medtl.backbones.registry import BackboneError, get_spec  # the registry imports torch
-
-    try:
-        get_spec(config.model.backbone, config.data.spatial_dims)
-    except BackboneError as err:
-        return f"{source_of('model.backbone', overrides, path)}: {err}"
-    return None
+    problem = BACKBONES.problem(config.model.backbone, config.data.spatial_dims)
+    return f"{source_of('model.backbone', overrides, path)}: {problem}" if problem else None

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from medtl import bundle as bundles
 from medtl.bundle import FeatureReference
 from medtl.bundle.bundle import CONFIG_FILE as BUNDLE_CONFIG
-from medtl.backbones import Ensemble, check_batch, create, get_spec, pool_members, preprocessing_for
+from medtl.backbones import Ensemble, check_batch, create, extract_features, get_spec, pool_members, preprocessing_for
 from medtl.calibrate import make_calibrator
 from medtl.config import AdaptConfig, Config, dump_config, load_config
 from medtl.infer import ERROR_COLUMNS, iter_logits, write_table
@@ -34,12 +34,12 @@ from medtl.metrics import OperatingPoint, choose_operating_point
 from medtl.recipe import fingerprint, resolve_recipe
 from medtl.report import run_info, write_report
 from medtl.train import (
-    CHECKPOINT_FILE, FitResult, Trainer, class_weights, is_main, labelled_items, make_loader, micro_batch_size, resolve_classes,
-    resolve_device, world_size,
+    CHECKPOINT_FILE, FitResult, Trainer, class_weights, is_main, labelled_items, make_loader, micro_batch_size, predict_logits,
+    resolve_classes, resolve_device, softmax, world_size,
 )
 from medtl.train import Member, cross_validation_members, seed_members
 from medtl.transforms import build_transforms, make_preprocessing
-from medtl.adapt import NORMALIZATION_METHODS, TRAINING_METHODS, adapt_normalization, extract_features, make_domain_loss, make_strategy, site_shift
+from medtl.adapt import DOMAIN_LOSSES, NORMALIZATION, adapt_normalization, make_domain_loss, make_strategy, site_shift
 
 log = logging.getLogger(__name__)
 VAL_LOGITS = "val_logits.safetensors"  # an ensemble member's scores on its validation (out-of-fold) scans
@@ -66,25 +66,10 @@ def _positive_index(classes: Sequence[str], configured: str | None) -> int | Non
     return list(classes).index(configured)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
-
-
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     """Log-probabilities: the form an :class:`~medtl.backbones.Ensemble` outputs, so a calibrator
     fitted on members' out-of-fold log-probabilities applies to the ensemble's output."""
     return torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
-
-
-@torch.inference_mode()
-def _predict_logits(model: torch.nn.Module, loader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of every item in ``loader``, model in eval mode."""
-    model.eval()
-    logits, labels = [], []
-    for batch in loader:
-        logits.append(model(batch["image"].to(device)).float().cpu())
-        labels.append(torch.as_tensor(batch["label"]))
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
 def _partition_summary(parts: dict[str, list[ScanRecord]], classes: Sequence[str]) -> dict[str, Any]:
@@ -283,7 +268,7 @@ class _Run:
         folder.mkdir(parents=True, exist_ok=True)
         train_items = labelled_items(member.train, self.classes)
         train_loader = self.loader(train_items, train=True, seed=member.seed)
-        target_train = self.loader(self.target_items, train=True, seed=member.seed) if acfg.domain in TRAINING_METHODS else None
+        target_train = self.loader(self.target_items, train=True, seed=member.seed) if acfg.domain in DOMAIN_LOSSES else None
         warning = check_batch(next(iter(val_loader))["image"], self.pre["normalization"])
         if warning:
             log.warning("%s", warning)
@@ -295,7 +280,7 @@ class _Run:
                           log_path=folder / "train_log.csv", checkpoint=folder / CHECKPOINT_FILE, resume=self.resume and (folder / CHECKPOINT_FILE).is_file())
         if not is_main():
             return _Fitted(member, trainer.model, fit, None, None)
-        logits, labels = trainer.predict_logits(val_loader)
+        logits, labels = predict_logits(trainer.model, val_loader, amp_dtype=trainer.amp_dtype, memory_format=trainer.memory_format)
         if keep:
             save_file({k: v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}, str(folder / "model.safetensors"))
             save_file({"logits": torch.from_numpy(logits).contiguous(), "labels": torch.from_numpy(labels).contiguous()},
@@ -320,7 +305,7 @@ def _member_summary(fitted: Sequence[_Fitted]) -> dict[str, Any]:
 def _site_shift(before: np.ndarray, model: torch.nn.Module, device, loaders: Sequence, sites: Sequence[str], config: Config) -> dict:
     """Proxy A-distances and 2D embeddings of the evaluated (and target) scans' features, with the
     initial backbone and with the trained model."""
-    after = extract_features(model, chain(*loaders), device)
+    after, _ = extract_features(model, chain(*loaders), device)
     adapt = config.adapt.strategy + ("" if config.adapt.domain == "none" else f" + {config.adapt.domain}")
     return {
         "before": {**site_shift(before, sites, seed=config.train.seed), "label": f"initial backbone ({config.model.weights})"},
@@ -419,7 +404,7 @@ def _report_plan(run: _Run, parts: dict[str, list[ScanRecord]], members: Sequenc
     before = None
     if is_main() and len(set(sites)) > 1:
         set_determinism(seed=run.config.train.seed)
-        before = extract_features(run.model(), chain(*shift_loaders))
+        before, _ = extract_features(run.model(), chain(*shift_loaders))
     return _ReportPlan(records, loader if "test" in parts else None, shift_loaders, sites, before)
 
 
@@ -450,7 +435,7 @@ def _finish(run: _Run, fitted: list[_Fitted], parts: dict[str, list[ScanRecord]]
         operating_point = choose_operating_point((cal_labels == positive).astype(int), scores, opcfg.method, opcfg.target)
 
     if plan.loader is not None:
-        logits, labels = _predict_logits(model, plan.loader, device)
+        logits, labels = predict_logits(model, plan.loader, device)
         evaluation = "held-out test split of the training manifest (internal)"
     else:
         logits, labels = cal_logits, cal_labels
@@ -458,7 +443,7 @@ def _finish(run: _Run, fitted: list[_Fitted], parts: dict[str, list[ScanRecord]]
                       "member that did not train on it; the calibrator and threshold were fitted on these predictions too, "
                       "so the calibration figures are optimistic)" if folds else
                       "internal validation split (also used for model selection, calibration and the threshold: optimistic)")
-    if run.target_eval is not None and acfg.domain in NORMALIZATION_METHODS:
+    if run.target_eval is not None and acfg.domain in NORMALIZATION:
         adapt_normalization(model, acfg.domain, run.target_eval, tent_lr=acfg.tent_lr, tent_steps=acfg.tent_steps, device=device)
         evaluation += (f"; figures of the model before its {acfg.domain} step, which re-normalises with the target scans' "
                        "statistics: the bundle holds the adapted model, for the target site (check it there with medtl evaluate)")
@@ -509,7 +494,7 @@ def _finish(run: _Run, fitted: list[_Fitted], parts: dict[str, list[ScanRecord]]
     metrics = write_report(
         run_dir / "report",
         y_true=labels,
-        probs_uncalibrated=_softmax(logits),
+        probs_uncalibrated=softmax(logits),
         probs_calibrated=calibrator.transform(logits),
         class_names=classes,
         positive_index=positive,
@@ -574,7 +559,7 @@ def evaluate(
     return write_report(
         out_dir,
         y_true=labels,
-        probs_uncalibrated=_softmax(logits_arr),
+        probs_uncalibrated=softmax(logits_arr),
         probs_calibrated=predictor.calibrate(logits_arr),
         class_names=predictor.classes,
         positive_index=predictor.positive_index,

@@ -59,7 +59,7 @@ def main() -> None:
         print(f"{args.scans} DICOM scans 128x128 -> 224x224, batch 32, {args.workers} loader workers, {os.cpu_count()} CPU cores")
         results = {}
         for cache in ("none", "memory", "disk"):
-            results[cache] = epoch_seconds(lambda: make_loader(
+            results[cache] = epoch_seconds(lambda cache=cache: make_loader(
                 items, transform, batch_size=32, shuffle=True, num_workers=args.workers, cache=cache,
                 cache_dir=tmp / "cache", recipe=pre))
         base = results["none"][1]

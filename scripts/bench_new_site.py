@@ -15,9 +15,10 @@ official validation split (524 X-rays, never trained on):
 For each shifted site and seed: source-only; AdaBN towards the site's scans (unlabelled, via
 ``medtl.bundle.adapt``); ``medtl.bundle.recalibrate`` on 25, 50 and 100 labelled local scans
 (drawn at random, ``--draws`` times), scored on the site's other scans, as it runs by default
-(re-normalising on the local scans when that lowers the cross-validated loss) and with the
-parent's normalisation kept; and recalibration after AdaBN on all of the site's scans.  Figures: ECE (15 bins), accuracy at the operating point, sensitivity and specificity
-(mean over draws with the 2.5-97.5 percentiles of the draws; for single runs the Wilson CI), and
+(re-normalising on the local scans when they look shifted or that lowers the cross-validated
+loss) and with the parent's normalisation kept; and recalibration after AdaBN on all of the
+site's scans.  Figures: ECE (15 bins), accuracy at the operating point, sensitivity and
+specificity (mean over draws with the 2.5-97.5 percentiles of the draws; for single runs the Wilson CI), and
 the best accuracy any threshold reaches on the same scans.
 
 Shift alarm: ``--folders`` random folders of each of ``--folder-sizes`` scans drawn from each

@@ -29,8 +29,7 @@ from medtl.infer import predict_scans
 from medtl.io import LoadScand
 from medtl.io.synthetic import chest_phantom, write_dicom
 from medtl.metrics import choose_operating_point
-from medtl.transforms import make_preprocessing
-from medtl.transforms import IMAGE
+from medtl.transforms import IMAGE, make_preprocessing
 
 
 def write_scans(folder: Path, n: int, size: int) -> list[Path]:

@@ -57,7 +57,7 @@ def mednist_manifest(args) -> Path:
     for row in rows:
         by_class.setdefault(row["label"], []).append(row)
     out = []
-    for label, group in sorted(by_class.items()):
+    for _, group in sorted(by_class.items()):
         order = np.random.default_rng(0).permutation(len(group))
         out += [{**group[i], "split": "test" if rank < 100 else ""} for rank, i in enumerate(order)]
     return data._write_manifest(manifest, out)

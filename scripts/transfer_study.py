@@ -195,7 +195,8 @@ def logme_scores(task: Task, fraction: float, seed: int, manifest: Path, weights
     candidates = list(dict.fromkeys((m.backbone, m.source) for m in task.methods))
     config = load_config(CONFIGS / task.methods[0].config, [f"data.manifest={manifest}"])
     pre = make_preprocessing(spatial_dims=3 if task.volumes else 2, image_size=task.image_size, channels=1,
-                             intensity=config.data.intensity, ct_window=config.data.ct_window, normalization={"kind": "mean_std", "mean": 0.0, "std": 1.0})
+                             intensity=config.data.intensity, ct_window=config.data.ct_window,
+                             normalization={"kind": "mean_std", "mean": 0.0, "std": 1.0})
     load = Compose(deterministic_transforms(pre))
     rows = [r for r in data.read_rows(manifest) if r["split"] == "train"]
     if len({r["label"] for r in rows}) < 2:
@@ -255,7 +256,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fractions", type=float, nargs="+", help=f"label fractions (default {FRACTIONS})")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
     parser.add_argument("--adrenal-fractions", type=float, nargs="+", help="AdrenalMNIST3D fractions (default: --fractions)")
-    parser.add_argument("--adrenal-seeds", type=int, nargs="+", help="AdrenalMNIST3D seeds (default: the first of --seeds; a 3D run costs ~10 2D runs)")
+    parser.add_argument("--adrenal-seeds", type=int, nargs="+",
+                        help="AdrenalMNIST3D seeds (default: the first of --seeds; a 3D run costs ~10 2D runs)")
     parser.add_argument("--seeds-at-100", type=int, default=None,
                         help="run only the first N seeds at fraction 1 (where every seed trains on the same scans)")
     parser.add_argument("--mednist-per-class", type=int, default=None, help="MedNIST images per class (default 2000)")
@@ -295,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if fraction == 1 and args.seeds_at_100 is not None and seed not in task.seeds[: args.seeds_at_100]:
                     continue
                 manifest, n_train = data.subset_manifest(pool, fraction, seed)
-                methods = [m for m in task.methods if not args.finished_only or (run_dir(args.work, task, m, fraction, seed) / "outcome.json").is_file()]
+                methods = [m for m in task.methods
+                           if not args.finished_only or (run_dir(args.work, task, m, fraction, seed) / "outcome.json").is_file()]
                 if not methods:
                     continue
                 cached = args.work / "logme" / f"{task.name}_frac{fraction:g}_seed{seed}.json"

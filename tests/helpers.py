@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 from medtl.backbones import create, preprocessing_for
 from medtl.bundle import save
@@ -46,3 +48,40 @@ def write_tiny_bundle(folder: Path, *, image_size: int | list[int] = 32, config:
     return save(folder, model, model_spec=spec, classes=["normal", "opacity"], positive_index=1,
                 preprocessing={**pre, **recipe}, calibrator=calibrator, operating_point=op,
                 config_yaml=dump_config(config or Config()), training=training)
+
+
+class TinyClassifier(nn.Module):
+    """Stem, two blocks and pooling (BatchNorm unless ``norm=False``), ``feature_dim`` 8."""
+
+    def __init__(self, dims: int = 2, num_classes: int = 2, norm: bool = True) -> None:
+        super().__init__()
+        conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+        pool = nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool3d(1)
+
+        def norm_layer(channels: int) -> nn.Module:
+            return bn(channels) if norm else nn.Identity()
+
+        self.backbone = nn.Sequential()
+        self.backbone.add_module("conv1", conv(1, 4, 3, padding=1))
+        self.backbone.add_module("bn1", norm_layer(4))
+        self.backbone.add_module("layer1", nn.Sequential(conv(4, 4, 3, padding=1), norm_layer(4), nn.ReLU()))
+        self.backbone.add_module("layer2", nn.Sequential(conv(4, 8, 3, padding=1), norm_layer(8), nn.ReLU()))
+        self.backbone.add_module("pool", nn.Sequential(pool, nn.Flatten()))
+        self.head = nn.Linear(8, num_classes)
+        self.feature_dim = 8
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def tiny_loader(n: int, seed: int = 0, *, dims: int = 2, size: int = 8, shift: float = 0.0, batch_size: int = 8,
+                shuffle: bool = True) -> DataLoader:
+    """``n`` images of ``size`` px (label 1: brighter by one) plus ``shift``, in dicts like medtl's loaders."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    images = torch.randn(n, 1, *([size] * dims), generator=g) * 0.5 + labels.view(-1, *([1] * (dims + 1))).float() + shift
+    items = [{"image": images[i], "label": labels[i]} for i in range(n)]
+    return DataLoader(items, batch_size=batch_size, shuffle=shuffle, generator=g)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import write_tiny_bundle
 from medtl.bundle import load
 from medtl.io.synthetic import chest_phantom, write_dicom
-from helpers import write_tiny_bundle
 
 
 @pytest.fixture(scope="module")

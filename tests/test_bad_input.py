@@ -12,11 +12,11 @@ import pydicom
 import pytest
 from PIL import Image
 
+from helpers import write_tiny_bundle
+from medtl.bundle import load
 from medtl.cli import main
 from medtl.infer import predict_scans, read_rows
 from medtl.io.synthetic import chest_phantom, write_dicom
-from medtl.bundle import load
-from helpers import write_tiny_bundle
 
 
 @pytest.fixture(scope="module")

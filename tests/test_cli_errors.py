@@ -53,9 +53,11 @@ def test_validation_errors_one_line_per_key_with_did_you_mean_and_their_source(t
     assert len(lines) == 4 and not any("https://" in line for line in lines)
     file = str(tmp_path / "c.yaml")
     assert f"{file}: unknown key 'train.epoch'; did you mean 'epochs'?" in lines
-    assert f"{file}: adapt.strategy: 'ful' is not allowed; did you mean 'full'?" in lines
+    assert f"{file}: adapt.strategy: unknown fine-tuning strategy 'ful'; did you mean 'full'? (registered: full, linear_probe, " \
+           "lp_ft, gradual_unfreeze)" in lines
     assert any(line.startswith("--set train.lr=-1: train.lr: Input should be greater than 0") for line in lines)
-    assert "--set calibration.method=platts: calibration.method: 'platts' is not allowed; did you mean 'platt'?" in lines
+    assert any(line.startswith("--set calibration.method=platts: calibration.method: unknown calibration method 'platts'; "
+                               "did you mean 'platt'? (registered: auto, ") for line in lines)
 
 
 def test_set_mistakes_name_the_set_argument(capsys, tmp_path):

@@ -106,7 +106,8 @@ def test_kfold_ensemble_through_train_evaluate_predict_and_resume(tmp_path):
                  "--cam", str(tmp_path / "cams")]) == 0
     rows = list(csv.DictReader(open(preds)))
     assert len(list((tmp_path / "cams").rglob("*.png"))) == len(rows)  # Grad-CAM averaged over the members
-    assert len(rows) == len(list(csv.DictReader(open(data / "test" / "labels.csv")))) and all(abs(sum(float(r[k]) for k in r if k.startswith("prob_")) - 1) < 1e-5 for r in rows)
+    assert len(rows) == len(list(csv.DictReader(open(data / "test" / "labels.csv"))))
+    assert all(abs(sum(float(r[k]) for k in r if k.startswith("prob_")) - 1) < 1e-5 for r in rows)
 
     # The ensemble bundle through local recalibration and the Python API, like any bundle.
     local = data / "test" / "labels.csv"

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import write_tiny_bundle
 from medtl import pipeline
 from medtl.bundle import load
 from medtl.bundle.runtime import CompiledOrEager, amp_dtype
 from medtl.infer import auto_batch_size, predict_scans, read_rows
 from medtl.infer.tta import views
 from medtl.io.synthetic import chest_phantom, write_dicom
-from helpers import write_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 N_SCANS = 12

@@ -12,8 +12,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medtl.io import (
     ManifestError,
-    ScanReadError,
     ScanReader,
+    ScanReadError,
     assign_splits,
     find_scans,
     load_dicom,

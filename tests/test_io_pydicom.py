@@ -18,7 +18,7 @@ from pydicom.data import get_testdata_files
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from medtl.io import ScanReadError, ScanReader
+from medtl.io import ScanReader, ScanReadError
 from medtl.transforms import build_transforms, make_preprocessing
 
 ROOT = next(p for p in Path(get_testdata_files()[0]).parents if p.name == "test_files")

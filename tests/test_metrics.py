@@ -10,6 +10,7 @@ from scipy.special import expit, logit
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from medtl.metrics import (
+    auroc_point,
     bootstrap_ci,
     brier_score,
     calibration_slope_intercept,
@@ -239,3 +240,14 @@ def test_most_probable_is_half_on_the_probability_with_its_own_rates():
     assert point.sensitivity == pytest.approx(3 / 4) and point.specificity == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="takes no target"):
         choose_operating_point(y, p, "most_probable", 0.9)
+
+
+def test_auroc_point_matches_scikit_learn_binary_and_macro_one_vs_rest():
+    rng = np.random.default_rng(3)
+    y2 = rng.integers(0, 2, 80)
+    s = rng.random(80).round(2)  # with ties
+    p2 = np.c_[1 - s, s]
+    assert auroc_point(y2, p2) == pytest.approx(roc_auc_score(y2, p2[:, 1]), abs=1e-12)
+    y4 = rng.integers(0, 4, 120)
+    p4 = rng.dirichlet(np.ones(4), 120)
+    assert auroc_point(y4, p4) == pytest.approx(roc_auc_score(y4, p4, multi_class="ovr", average="macro"), abs=1e-12)

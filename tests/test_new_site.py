@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from scipy.special import expit, softmax
+from scipy.special import expit
 
 from helpers import write_small_split
 from medtl.bundle import FeatureReference, bundle_hash, em_prevalence, load

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import write_tiny_bundle
 from medtl.bundle import load
 from medtl.infer import CamWriter
 from medtl.infer.cam import MIN_SIDE
 from medtl.io.synthetic import write_dicom
 from medtl.transforms import DISPLAY_LAYOUT, IMAGE, build_transforms
-from helpers import write_tiny_bundle
 
 ROWS, COLS = 40, 56
 

@@ -8,10 +8,8 @@ import pytest
 from PIL import Image
 
 from medtl.config import load_config
-from medtl.io import ScanRecord, write_synthetic
-from medtl.io import read_manifest
-from medtl.recipe import Fingerprint, fingerprint, resolve_recipe
-from medtl.recipe import rules
+from medtl.io import ScanRecord, read_manifest, write_synthetic
+from medtl.recipe import Fingerprint, fingerprint, resolve_recipe, rules
 
 
 def _records(folder: Path, images: list[np.ndarray], suffix: str, labels=("a", "b")) -> list[ScanRecord]:

@@ -296,7 +296,6 @@ def test_report_info_is_built_once_and_names_the_adaptation(tmp_path):
     """The training and the evaluation report take their facts from one builder: an AdaBN bundle's
     evaluation says AdaBN, and both fill the checklist's training run."""
     from helpers import write_tiny_bundle
-
     from medtl.bundle import read_meta
     from medtl.config import Config
     from medtl.report import run_info

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from medtl.adapt import extract_features, proxy_a_distance, site_shift
-from medtl.backbones import create
+from medtl.adapt import proxy_a_distance, site_shift
+from medtl.backbones import create, extract_features
 from medtl.report import write_report
 
 
@@ -33,7 +33,8 @@ def test_extract_features_uses_the_backbone_in_eval_mode():
     model = create("resnet18", weights="none", in_channels=1, spatial_dims=2, num_classes=2)
     model.train()
     batches = [{"image": torch.randn(3, 1, 32, 32)}, {"image": torch.randn(2, 1, 32, 32)}]
-    features = extract_features(model, batches)
+    features, labels = extract_features(model, batches)
+    assert labels is None
     assert features.shape == (5, model.spec.feature_dim) and model.training
     model.eval()
     with torch.no_grad():

@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader
 
+from helpers import TinyClassifier, tiny_loader, write_small_split
 from medtl.adapt import make_domain_loss, make_strategy
 from medtl.cli import main
 from medtl.config import Config, TrainConfig, dump_config
-from helpers import write_small_split
 from medtl.pipeline import train
-from medtl.train import Trainer, checkpoint as ckpt
+from medtl.train import Trainer
+from medtl.train import checkpoint as ckpt
 from medtl.train import trainer as trainer_module
 from medtl.train.memory import checkpoint_blocks
 from medtl.train.precision import resolve_amp
@@ -134,31 +134,11 @@ def test_rng_state_round_trips():
 
 # -- the loop's options, on a tiny in-memory problem -----------------------------------------
 
-class Tiny(nn.Module):
-    def __init__(self, norm: bool = True) -> None:
-        super().__init__()
-        layers = [nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4) if norm else nn.Identity(), nn.ReLU()]
-        self.backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.feature_dim = 4
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
-
-
-def _loader(n: int, seed: int, batch_size: int = 16, shuffle: bool = True) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 2, (n,), generator=g)
-    images = torch.randn(n, 1, 8, 8, generator=g) * 0.5 + labels.view(-1, 1, 1, 1).float()
-    items = [{"image": images[i], "label": labels[i]} for i in range(n)]
-    return DataLoader(items, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator() if shuffle else None)
-
-
 def _fit_dann(tmp_path, epochs: int, resume: bool = False, kill_after: int | None = None, monkeypatch=None):
     torch.manual_seed(0)
     cfg = TrainConfig(epochs=epochs, lr=1e-2, head_lr=1e-2, patience=9, device="cpu", amp="bf16", accumulate=2, batch_size=16)
-    domain = make_domain_loss("dann", 4, 2)
-    trainer = Trainer(Tiny(), make_strategy("full"), cfg, domain=domain)
+    domain = make_domain_loss("dann", 8, 2)
+    trainer = Trainer(TinyClassifier(), make_strategy("full"), cfg, domain=domain)
     if kill_after is not None:
         real_save = trainer_module.save_checkpoint
 
@@ -168,7 +148,7 @@ def _fit_dann(tmp_path, epochs: int, resume: bool = False, kill_after: int | Non
                 raise Killed
 
         monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
-    trainer.fit(_loader(64, 0, 8), _loader(32, 1, shuffle=False), target_loader=_loader(48, 2, 8),
+    trainer.fit(tiny_loader(64, 0, batch_size=8), tiny_loader(32, 1, batch_size=16, shuffle=False), target_loader=tiny_loader(48, 2, batch_size=8),
                 checkpoint=tmp_path / "checkpoint.pt", resume=resume)
     return trainer
 
@@ -192,8 +172,8 @@ def test_accumulation_matches_one_large_batch():
     for accumulate, micro in ((1, 16), (2, 8)):
         torch.manual_seed(0)
         cfg = TrainConfig(epochs=1, lr=1e-2, head_lr=1e-2, device="cpu", accumulate=accumulate, amp="none")
-        trainer = Trainer(Tiny(norm=False), make_strategy("full"), cfg)
-        trainer.fit(_loader(32, 0, micro), _loader(16, 1, shuffle=False))
+        trainer = Trainer(TinyClassifier(norm=False), make_strategy("full"), cfg)
+        trainer.fit(tiny_loader(32, 0, batch_size=micro), tiny_loader(16, 1, batch_size=16, shuffle=False))
         models.append(trainer.model.state_dict())
     for key in models[0]:
         torch.testing.assert_close(models[0][key], models[1][key], rtol=1e-5, atol=1e-6)
@@ -202,10 +182,10 @@ def test_accumulation_matches_one_large_batch():
 def test_bf16_and_channels_last_train_on_cpu():
     torch.manual_seed(0)
     cfg = TrainConfig(epochs=4, lr=3e-3, device="cpu", amp="bf16", channels_last=True, patience=4)
-    trainer = Trainer(Tiny(), make_strategy("full"), cfg)
+    trainer = Trainer(TinyClassifier(), make_strategy("full"), cfg)
     assert trainer.amp_dtype is torch.bfloat16
     assert trainer.model.backbone[0].weight.is_contiguous(memory_format=torch.channels_last)
-    result = trainer.fit(_loader(128, 0), _loader(64, 1, shuffle=False))
+    result = trainer.fit(tiny_loader(128, 0, batch_size=16), tiny_loader(64, 1, batch_size=16, shuffle=False))
     assert result.best_auroc > 0.9
 
 

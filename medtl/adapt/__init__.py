@@ -2,9 +2,8 @@
 (AdaBN, TENT), label-free model-selection scores and site-shift diagnostics.  See docs/adapt.md."""
 
 from medtl.adapt.blocks import Block, backbone_blocks
-from medtl.adapt.diagnostics import extract_features, proxy_a_distance, site_shift
+from medtl.adapt.diagnostics import proxy_a_distance, site_shift
 from medtl.adapt.domain import (
-    TRAINING_METHODS,
     ConditionalDomainAdversarialLoss,
     CoralLoss,
     DomainAdversarialLoss,
@@ -13,16 +12,26 @@ from medtl.adapt.domain import (
     GradientReverseFunction,
     GradientReverseLayer,
     MultiKernelMMDLoss,
+    TwoSites,
     dann_coefficient,
+    entropy,
     make_domain_loss,
     prediction_entropy,
+    register_domain_loss,
     reverse_gradient,
 )
 from medtl.adapt.norm import (
-    NORMALIZATION_METHODS, Tent, adabn, adapt_normalization, batch_statistics, has_batch_norm, norm_affine_parameters,
+    Tent,
+    adabn,
+    adapt_normalization,
+    batch_statistics,
+    has_batch_norm,
+    norm_affine_parameters,
+    register_normalization,
 )
-from medtl.adapt.selection import SCORES, information_maximization, negative_entropy, soft_neighborhood_density, target_scores
-from medtl.adapt.strategies import LPFT, STRATEGIES, FullFineTuning, GradualUnfreeze, LinearProbe, make_strategy
+from medtl.adapt.selection import information_maximization, negative_entropy, register_score, soft_neighborhood_density, target_scores
+from medtl.adapt.strategies import LPFT, FullFineTuning, GradualUnfreeze, LinearProbe, make_strategy, register_strategy
+from medtl.registry import DOMAIN_LOSSES, NORMALIZATION, SCORES, STRATEGIES  # filled by the modules above
 
 __all__ = [
     "Block",
@@ -38,18 +47,19 @@ __all__ = [
     "LPFT",
     "LinearProbe",
     "MultiKernelMMDLoss",
-    "NORMALIZATION_METHODS",
+    "DOMAIN_LOSSES",
+    "NORMALIZATION",
     "SCORES",
     "STRATEGIES",
-    "TRAINING_METHODS",
     "Tent",
+    "TwoSites",
     "adabn",
     "has_batch_norm",
     "adapt_normalization",
     "backbone_blocks",
     "batch_statistics",
     "dann_coefficient",
-    "extract_features",
+    "entropy",
     "information_maximization",
     "make_domain_loss",
     "make_strategy",
@@ -57,6 +67,10 @@ __all__ = [
     "norm_affine_parameters",
     "prediction_entropy",
     "proxy_a_distance",
+    "register_domain_loss",
+    "register_normalization",
+    "register_score",
+    "register_strategy",
     "reverse_gradient",
     "site_shift",
     "soft_neighborhood_density",

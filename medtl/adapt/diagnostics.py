@@ -12,27 +12,15 @@ Both are computed on the same scans with the pretrained backbone (before) and th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from itertools import combinations
 
 import numpy as np
-import torch
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from torch import nn
-
-
-@torch.inference_mode()
-def extract_features(model: nn.Module, batches: Iterable, device: torch.device | str = "cpu") -> np.ndarray:
-    """Pooled backbone features ``(N, D)`` of every batch (dicts with ``image``), model in eval mode."""
-    was_training = model.training
-    model.eval()
-    features = [model.forward_features(batch["image"].to(device)).float().cpu() for batch in batches]
-    model.train(was_training)
-    return torch.cat(features).numpy()
 
 
 def proxy_a_distance(features_a: np.ndarray, features_b: np.ndarray, *, folds: int = 5, seed: int = 0) -> float:

@@ -12,19 +12,39 @@ logits, so they serve 2D and 3D backbones alike (in the style of TLlib, Jiang et
   of Gaussian kernels.
 
 :func:`make_domain_loss` builds the configured one as a :class:`DomainTerm`, which takes one
-source and one target batch and returns the loss the trainer adds.
+source and one target batch and returns the loss the trainer adds.  Every registered domain loss
+shares one call, ``loss(f_s, f_t, logits_s, logits_t)`` (source and target features and
+logits); the adversarial ones see the two batches as sites 0 and 1 (:class:`TwoSites`).  A new
+one is a builder decorated with ``@register_domain_loss(name)``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-TRAINING_METHODS = ("dann", "cdan", "coral", "mmd")
+from medtl.registry import DOMAIN_LOSSES
+
+DomainLossBuilder = Callable[..., nn.Module]
+
+
+def register_domain_loss(name: str) -> Callable[[DomainLossBuilder], DomainLossBuilder]:
+    """Decorator: make ``builder(feature_dim, num_classes, **options) -> module`` an ``adapt.domain``
+    loss; the module is called as ``loss(f_s, f_t, logits_s, logits_t)``.  Options it does not use
+    it ignores (``**_``)."""
+    return DOMAIN_LOSSES.register(name)
+
+
+def entropy(log_p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy (nats) of distributions given as log-probabilities along ``dim``; entries of
+    probability zero (``-inf``) count zero, with a zero gradient."""
+    p = log_p.exp()
+    return -(p * log_p.masked_fill(p == 0, 0.0)).sum(dim)
 
 
 class GradientReverseFunction(torch.autograd.Function):
@@ -94,10 +114,12 @@ class DomainAdversarialLoss(nn.Module):
     def set_progress(self, progress: float) -> None:
         self.grl.set_progress(progress)
 
-    def forward(self, features: torch.Tensor, domains: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.discriminator(self.grl(features))
-        self.domain_accuracy = float((logits.argmax(1) == domains).float().mean())
-        loss = F.cross_entropy(logits, domains, reduction="none")
+    def forward(self, features: torch.Tensor, domains: torch.Tensor, logits: torch.Tensor | None = None,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``logits`` (the classifier's) are not used: DANN aligns features alone."""
+        site_logits = self.discriminator(self.grl(features))
+        self.domain_accuracy = float((site_logits.argmax(1) == domains).float().mean())
+        loss = F.cross_entropy(site_logits, domains, reduction="none")
         if weights is None:
             return loss.mean()
         return (loss * weights).sum() / weights.sum()
@@ -105,8 +127,7 @@ class DomainAdversarialLoss(nn.Module):
 
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of the softmax of each row."""
-    log_p = F.log_softmax(logits, dim=1)
-    return -(log_p.exp() * log_p).sum(1)
+    return entropy(F.log_softmax(logits, dim=1), dim=1)
 
 
 class ConditionalDomainAdversarialLoss(nn.Module):
@@ -140,7 +161,7 @@ class ConditionalDomainAdversarialLoss(nn.Module):
             return (features @ self.rf) * (probs @ self.rg) / math.sqrt(self.rf.shape[1])
         return torch.bmm(probs.unsqueeze(2), features.unsqueeze(1)).flatten(1)
 
-    def forward(self, features: torch.Tensor, logits: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, domains: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(logits, dim=1).detach()
         weights = None
         if self.entropy_conditioning:
@@ -148,14 +169,14 @@ class ConditionalDomainAdversarialLoss(nn.Module):
             for d in domains.unique():
                 mask = domains == d
                 weights[mask] = weights[mask] / weights[mask].sum()
-        return self.adversarial(self._map(features, probs), domains, weights)
+        return self.adversarial(self._map(features, probs), domains, weights=weights)
 
 
 class CoralLoss(nn.Module):
     """Deep CORAL with TLlib's mean term: mean squared difference of the feature means plus that
     of the covariance matrices.  Exactly zero for identical batches."""
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, source: torch.Tensor, target: torch.Tensor, logits_s: Any = None, logits_t: Any = None) -> torch.Tensor:
         mean_s, mean_t = source.mean(0, keepdim=True), target.mean(0, keepdim=True)
         cov_s = (source - mean_s).T @ (source - mean_s) / max(len(source) - 1, 1)
         cov_t = (target - mean_t).T @ (target - mean_t) / max(len(target) - 1, 1)
@@ -171,7 +192,7 @@ class MultiKernelMMDLoss(nn.Module):
         super().__init__()
         self.alphas = tuple(alphas)
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, source: torch.Tensor, target: torch.Tensor, logits_s: Any = None, logits_t: Any = None) -> torch.Tensor:
         joint = torch.cat([source, target])
         sq = torch.cdist(joint, joint).pow(2)
         scale = sq.detach().mean().clamp_min(1e-12)
@@ -180,9 +201,48 @@ class MultiKernelMMDLoss(nn.Module):
         return kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean()
 
 
+class TwoSites(nn.Module):
+    """An N-site adversarial loss (:class:`DomainAdversarialLoss`, :class:`ConditionalDomainAdversarialLoss`)
+    called the shared way: the source batch is site 0, the target batch site 1."""
+
+    def __init__(self, adversarial: nn.Module) -> None:
+        super().__init__()
+        self.adversarial = adversarial
+
+    def set_progress(self, progress: float) -> None:
+        self.adversarial.set_progress(progress)
+
+    @property
+    def domain_accuracy(self) -> float:
+        return self.adversarial.domain_accuracy
+
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor, logits_s: torch.Tensor, logits_t: torch.Tensor) -> torch.Tensor:
+        domains = torch.cat([torch.zeros(len(f_s)), torch.ones(len(f_t))]).long().to(f_s.device)
+        return self.adversarial(torch.cat([f_s, f_t]), domains, logits=torch.cat([logits_s, logits_t]))
+
+
+@register_domain_loss("dann")
+def _dann(feature_dim: int, num_classes: int, **_: Any) -> nn.Module:
+    return TwoSites(DomainAdversarialLoss(feature_dim))
+
+
+@register_domain_loss("cdan")
+def _cdan(feature_dim: int, num_classes: int, *, entropy_conditioning: bool = True, **_: Any) -> nn.Module:
+    return TwoSites(ConditionalDomainAdversarialLoss(feature_dim, num_classes, entropy_conditioning=entropy_conditioning))
+
+
+@register_domain_loss("coral")
+def _coral(feature_dim: int, num_classes: int, **_: Any) -> nn.Module:
+    return CoralLoss()
+
+
+@register_domain_loss("mmd")
+def _mmd(feature_dim: int, num_classes: int, **_: Any) -> nn.Module:
+    return MultiKernelMMDLoss()
+
+
 class DomainTerm(nn.Module):
-    """The configured domain loss on one source and one target batch (source = site 0,
-    target = site 1), times ``weight``."""
+    """The configured domain loss on one source and one target batch, times ``weight``."""
 
     def __init__(self, method: str, loss: nn.Module, weight: float = 1.0) -> None:
         super().__init__()
@@ -193,25 +253,13 @@ class DomainTerm(nn.Module):
             self.loss.set_progress(progress)
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor, logits_s: torch.Tensor, logits_t: torch.Tensor) -> torch.Tensor:
-        if self.method in ("coral", "mmd"):
-            return self.weight * self.loss(f_s, f_t)
-        domains = torch.cat([torch.zeros(len(f_s)), torch.ones(len(f_t))]).long().to(f_s.device)
-        features = torch.cat([f_s, f_t])
-        if self.method == "dann":
-            return self.weight * self.loss(features, domains)
-        return self.weight * self.loss(features, torch.cat([logits_s, logits_t]), domains)
+        return self.weight * self.loss(f_s, f_t, logits_s, logits_t)
 
 
-def make_domain_loss(method: str, feature_dim: int, num_classes: int, *, weight: float = 1.0,
-                     entropy_conditioning: bool = True) -> DomainTerm | None:
-    """The :class:`DomainTerm` for ``method`` (``dann``, ``cdan``, ``coral``, ``mmd``); None for
-    methods that do not train with a loss (``none``, ``adabn``, ``tent``)."""
-    if method not in TRAINING_METHODS:
+def make_domain_loss(method: str, feature_dim: int, num_classes: int, *, weight: float = 1.0, **options: Any) -> DomainTerm | None:
+    """The :class:`DomainTerm` for a registered domain loss (``dann``, ``cdan``, ``coral``, ``mmd``;
+    ``options`` such as ``entropy_conditioning`` go to its builder); None for the other
+    ``adapt.domain`` values, which do not train with a loss (``none``, ``adabn``, ``tent``)."""
+    if method not in DOMAIN_LOSSES:
         return None
-    loss = {
-        "dann": lambda: DomainAdversarialLoss(feature_dim),
-        "cdan": lambda: ConditionalDomainAdversarialLoss(feature_dim, num_classes, entropy_conditioning=entropy_conditioning),
-        "coral": CoralLoss,
-        "mmd": MultiKernelMMDLoss,
-    }[method]()
-    return DomainTerm(method, loss, weight)
+    return DomainTerm(method, DOMAIN_LOSSES[method](feature_dim, num_classes, **options), weight)

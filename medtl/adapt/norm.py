@@ -20,11 +20,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from medtl.adapt.domain import prediction_entropy
+from medtl.registry import NORMALIZATION
 
 log = logging.getLogger(__name__)
 
 NORM_LAYERS = (_BatchNorm, nn.GroupNorm, _InstanceNorm, nn.LayerNorm)
-NORMALIZATION_METHODS = ("adabn", "tent")  # adapt.domain values applied after training
+
+
+def register_normalization(name: str):
+    """Decorator: make ``step(model, target, *, device, tent_lr, tent_steps)`` an ``adapt.domain``
+    value applied after training (and by ``medtl adapt``); it adapts ``model`` in place."""
+    return NORMALIZATION.register(name)
 
 
 def _images(batch) -> torch.Tensor:
@@ -135,14 +141,23 @@ class Tent(nn.Module):
         return self.model.eval()
 
 
+@register_normalization("adabn")
+def _adabn_step(model: nn.Module, target: Iterable, *, device=None, **_) -> None:
+    adabn(model, target, device)
+
+
+@register_normalization("tent")
+def _tent_step(model: nn.Module, target: Iterable, *, device=None, tent_lr: float = 1e-4, tent_steps: int = 1, **_) -> None:
+    adabn(model, target, device)
+    Tent(model, lr=tent_lr).adapt(target, device, epochs=tent_steps)
+
+
 def adapt_normalization(model: nn.Module, method: str, target: Iterable, *, tent_lr: float = 1e-4, tent_steps: int = 1,
                         device: torch.device | str | None = None) -> nn.Module:
     """The after-training step of ``adapt.domain``: ``adabn`` re-estimates BatchNorm statistics
     on ``target``; ``tent`` does the same and then runs :class:`Tent` for ``tent_steps`` passes, so
     the saved model (used in eval mode) normalises with target statistics, as TENT adapted it to.
     Any other method leaves the model as it is."""
-    if method in NORMALIZATION_METHODS:
-        adabn(model, target, device)
-    if method == "tent":
-        Tent(model, lr=tent_lr).adapt(target, device, epochs=tent_steps)
+    if method in NORMALIZATION:
+        NORMALIZATION[method](model, target, device=device, tent_lr=tent_lr, tent_steps=tent_steps)
     return model.eval()

@@ -15,7 +15,7 @@ gradient and its normalisation layers stay in eval mode.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -23,8 +23,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from medtl.adapt.blocks import Block, backbone_blocks
 from medtl.config import AdaptConfig, TrainConfig
+from medtl.registry import STRATEGIES
+
+_S = TypeVar("_S", bound="type[FullFineTuning]")
 
 
+def register_strategy(cls: _S) -> _S:
+    """Class decorator: make a :class:`FullFineTuning` subclass an ``adapt.strategy`` under its ``name``."""
+    return STRATEGIES.register(cls.name)(cls)
+
+
+@register_strategy
 class FullFineTuning:
     """Every parameter learns from the first epoch; the new head at ``lr * head_lr_multiplier``."""
 
@@ -117,6 +126,7 @@ class FullFineTuning:
         return self.cfg.l2sp / 2 * sum((p - p0).pow(2).sum() for p, p0 in self._anchor)
 
 
+@register_strategy
 class LinearProbe(FullFineTuning):
     """Frozen backbone (weights and normalisation statistics); only the head learns."""
 
@@ -130,6 +140,7 @@ class LinearProbe(FullFineTuning):
         return set()
 
 
+@register_strategy
 class LPFT(FullFineTuning):
     """LP-FT (Kumar et al. 2022): probe the head with the backbone frozen for ``probe_epochs``,
     then fine-tune everything with every rate times ``stage2_lr_factor``, so the features that
@@ -147,6 +158,7 @@ class LPFT(FullFineTuning):
         return 1.0 if epoch <= self.probe_epochs(epochs) else self.cfg.stage2_lr_factor
 
 
+@register_strategy
 class GradualUnfreeze(FullFineTuning):
     """Head only at first, then one more backbone block from the top every ``unfreeze_every`` epochs
     (ULMFiT, Howard & Ruder 2018)."""
@@ -158,12 +170,7 @@ class GradualUnfreeze(FullFineTuning):
         return set(range(len(self.blocks) - count, len(self.blocks)))
 
 
-STRATEGIES: dict[str, type[FullFineTuning]] = {cls.name: cls for cls in (FullFineTuning, LinearProbe, LPFT, GradualUnfreeze)}
-
-
 def make_strategy(spec: str | AdaptConfig) -> FullFineTuning:
     """The strategy for an :class:`AdaptConfig` (or a bare strategy name, with default options)."""
     name = spec if isinstance(spec, str) else spec.strategy
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown fine-tuning strategy '{name}'; choose one of {sorted(STRATEGIES)}")
     return STRATEGIES[name](None if isinstance(spec, str) else spec)

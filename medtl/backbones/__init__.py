@@ -15,20 +15,23 @@ from medtl.backbones.files import (
     weights_dir,
 )
 from medtl.backbones.inputs import check_batch, normalize
-from medtl.backbones.model import Classifier, Ensemble, create, pool_members
+from medtl.backbones.model import Classifier, Ensemble, create, extract_features, pool_members
 from medtl.backbones.rank import BackboneScore, logme, parse_candidates, rank_backbones
 from medtl.backbones.registry import (
-    REGISTRY_ENTRIES,
     BackboneSpec,
     Preprocessing,
+    backbone_entries,
     get_spec,
     list_backbones,
     preprocessing_for,
+    register_backbone,
 )
 from medtl.backbones.sources import ExpectedFile, expected_files, imagenet_checkpoint
 from medtl.backbones.weights import LoadReport, WeightsMismatchError
+from medtl.registry import BACKBONES  # filled by medtl.backbones.registry
 
 __all__ = [
+    "BACKBONES",
     "BackboneScore",
     "BackboneSpec",
     "ChecksumError",
@@ -37,14 +40,15 @@ __all__ = [
     "ExpectedFile",
     "LoadReport",
     "Preprocessing",
-    "REGISTRY_ENTRIES",
     "WeightsFormatError",
     "WeightsMismatchError",
     "WeightsNotFoundError",
     "adapt_input_channels",
+    "backbone_entries",
     "check_batch",
     "create",
     "expected_files",
+    "extract_features",
     "get_spec",
     "imagenet_checkpoint",
     "inflate_to_3d",
@@ -56,6 +60,7 @@ __all__ = [
     "pool_members",
     "preprocessing_for",
     "rank_backbones",
+    "register_backbone",
     "sha256_file",
     "weights_dir",
 ]

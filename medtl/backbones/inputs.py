@@ -8,7 +8,8 @@ would otherwise train without complaint and transfer nothing.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

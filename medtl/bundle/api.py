@@ -10,8 +10,8 @@ image never gets a confident answer by mistake (:func:`check_preprocessed`).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
-from typing import Any, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

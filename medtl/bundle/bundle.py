@@ -29,20 +29,13 @@ from medtl.backbones import Ensemble, create
 from medtl.bundle.api import ScanAPI, check_preprocessed
 from medtl.bundle.reference import FeatureReference, read_reference
 from medtl.bundle.runtime import CompiledOrEager, amp_dtype, uses_channels_last
+from medtl.bundle_format import CONFIG_FILE, FORMAT, META_FILE, WEIGHTS_FILE, BundleError, read_meta
 from medtl.calibrate import calibrator_from_dict
 from medtl.metrics import OperatingPoint
 from medtl.train.trainer import resolve_device
 from medtl.transforms import build_transforms
 
-FORMAT = "medtl-bundle/1"
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "bundle.json"
-CONFIG_FILE = "config.yaml"
 _VERSIONED = ("medtl", "torch", "torchvision", "monai", "pydicom", "nibabel", "numpy", "scikit-learn", "scipy")
-
-
-class BundleError(ValueError):
-    """A folder that is not a readable medtl bundle."""
 
 
 def package_versions() -> dict[str, str]:
@@ -93,17 +86,6 @@ def save(
     return path
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """The parsed ``bundle.json`` of a bundle folder, checked for the format marker."""
-    meta_path = Path(path) / META_FILE
-    if not meta_path.is_file():
-        raise BundleError(f"{path} is not a medtl bundle: {META_FILE} not found")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise BundleError(f"{meta_path}: unknown bundle format {meta.get('format')!r} (expected {FORMAT})")
-    return meta
-
-
 class Predictor(ScanAPI):
     """A loaded bundle: preprocessing, model, calibration and decision rule in one object.
 
@@ -128,7 +110,7 @@ class Predictor(ScanAPI):
         self._forward: torch.nn.Module = self.model
         self.reference: FeatureReference | None = None  # set by load() from reference.safetensors
 
-    def accelerate(self, *, channels_last: bool = True, amp: bool = False, compile: bool = False) -> "Predictor":
+    def accelerate(self, *, channels_last: bool = True, amp: bool = False, compile: bool = False) -> Predictor:
         """Tune the forward pass for throughput: channels-last memory where the network gains
         from it, autocast to bfloat16/float16 on GPUs (``amp``), ``torch.compile`` with an eager
         fallback (``compile``).  Returns ``self``."""

@@ -31,9 +31,11 @@ from safetensors.numpy import load_file, save_file
 from scipy.spatial.distance import cdist
 from sklearn.covariance import LedoitWolf
 
+from medtl.backbones import extract_features
+from medtl.bundle_format import REFERENCE_FILE
+
 log = logging.getLogger(__name__)
 
-REFERENCE_FILE = "reference.safetensors"
 SAMPLE_SIZE = 500  # reference scans kept for the two-sample test (and scans drawn from a folder)
 LEVEL = 0.01  # default level of the folder-level verdict: 1.5-2 % false alarms on in-distribution folders (docs/benchmarks.md)
 
@@ -48,7 +50,7 @@ class FeatureReference:
     sample: np.ndarray
 
     @classmethod
-    def fit(cls, train: np.ndarray, train_labels: Sequence[int], val: np.ndarray, *, seed: int = 0) -> "FeatureReference":
+    def fit(cls, train: np.ndarray, train_labels: Sequence[int], val: np.ndarray, *, seed: int = 0) -> FeatureReference:
         """Class means and shrunk shared covariance from ``train`` features; validation
         distances and the two-sample reference (at most :data:`SAMPLE_SIZE`) from ``val``."""
         train, val = np.asarray(train, dtype=np.float64), np.asarray(val, dtype=np.float64)
@@ -115,19 +117,7 @@ def reference_of(model: torch.nn.Module, train: Iterable, val: Iterable, *, devi
     (dicts with ``image`` and ``label``, un-augmented), features by ``model.forward_features``;
     None (with a warning: the bundle then has no shift alarm) with fewer than 2 scans in either."""
 
-    def features(batches: Iterable) -> tuple[np.ndarray, np.ndarray]:
-        rows, labels = [], []
-        for batch in batches:
-            rows.append(model.forward_features(batch["image"].to(device)).float().cpu().numpy())
-            labels.append(np.asarray(batch["label"]))
-        return np.concatenate(rows), np.concatenate(labels)
-
-    was_training = model.training
-    model.eval()
-    try:
-        (train_x, train_y), (val_x, _) = features(train), features(val)
-    finally:
-        model.train(was_training)
+    (train_x, train_y), (val_x, _) = extract_features(model, train, device), extract_features(model, val, device)
     if min(len(train_x), len(val_x)) < 2:
         log.warning("no feature reference (and no shift alarm at prediction time): fewer than 2 training or validation scans")
         return None

@@ -33,7 +33,7 @@ from sklearn.metrics import log_loss
 from sklearn.model_selection import LeaveOneOut, StratifiedKFold
 
 from medtl import __version__
-from medtl.adapt import NORMALIZATION_METHODS, adapt_normalization, has_batch_norm
+from medtl.adapt import NORMALIZATION, adapt_normalization, has_batch_norm
 from medtl.bundle.bundle import META_FILE, WEIGHTS_FILE, Predictor, load
 from medtl.bundle.reference import scan_features
 from medtl.calibrate import Calibrator, InterceptUpdate, LogisticRecalibration, make_calibrator
@@ -501,8 +501,8 @@ def adapt(
     from medtl.infer import gather_inputs
 
     bundle, unlabelled, out = Path(bundle), Path(unlabelled), Path(out)
-    if method not in NORMALIZATION_METHODS:
-        raise ValueError(f"unknown adaptation method '{method}'; choose one of {NORMALIZATION_METHODS}")
+    if method not in NORMALIZATION:
+        raise ValueError(NORMALIZATION.unknown(method))
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose another output folder (nothing was written)")
     predictor = load(bundle)

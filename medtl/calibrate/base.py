@@ -17,7 +17,11 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax
 from sklearn.exceptions import NotFittedError
 
+from medtl.checks import class_indices
+from medtl.registry import CALIBRATORS, LOCAL_UPDATES
+
 _Self = TypeVar("_Self", bound="Calibrator")
+_C = TypeVar("_C", bound="type[Calibrator]")
 
 
 def check_logits(logits: Any, n_classes: int | None = None) -> np.ndarray:
@@ -30,20 +34,6 @@ def check_logits(logits: Any, n_classes: int | None = None) -> np.ndarray:
     if not np.all(np.isfinite(z)):
         raise ValueError("logits contain NaN or infinite values")
     return z
-
-
-def check_labels(labels: Any, n: int, n_classes: int) -> np.ndarray:
-    """Integer class indices in ``[0, n_classes)``, one per logit row."""
-    y = np.asarray(labels)
-    if y.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},) to match the logits, got {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        if not (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)):
-            raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
-        y = y.astype(np.int64)
-    if y.size and (y.min() < 0 or y.max() >= n_classes):
-        raise ValueError(f"labels must lie in [0, {n_classes}), got {y.min()} to {y.max()}")
-    return y
 
 
 def mean_nll(log_probs: np.ndarray, labels: np.ndarray) -> float:
@@ -95,7 +85,7 @@ class Calibrator(ABC):
         z = check_logits(logits)
         if len(z) == 0:
             raise ValueError("cannot fit a calibrator on zero cases")
-        y = check_labels(labels, len(z), z.shape[1])
+        y = class_indices(labels, len(z), z.shape[1])
         if self.binary_only:
             if z.shape[1] != 2:
                 raise ValueError(
@@ -151,3 +141,13 @@ class Calibrator(ABC):
     @abstractmethod
     def _load(self, d: Mapping[str, Any], n_classes: int) -> None: ...
 
+
+
+def register_calibrator(cls: _C) -> _C:
+    """Class decorator: make a :class:`Calibrator` subclass a ``calibration.method`` under its ``method`` name."""
+    return CALIBRATORS.register(cls.method)(cls)
+
+
+def register_local_update(cls: _C) -> _C:
+    """Class decorator: an update of a fitted calibrator for a new site (``medtl recalibrate``), not a training method."""
+    return LOCAL_UPDATES.register(cls.method)(cls)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, log_expit, log_softmax
 
-from medtl.calibrate.base import Calibrator, lbfgs, param_array
+from medtl.calibrate.base import Calibrator, lbfgs, param_array, register_calibrator
 
 
 def _fit_logistic(features: np.ndarray, positive: np.ndarray, start: np.ndarray, bounds=None) -> np.ndarray:
@@ -32,6 +32,7 @@ def _two_columns(eta: np.ndarray) -> np.ndarray:
     return np.column_stack([expit(-eta), expit(eta)])
 
 
+@register_calibrator
 class PlattScaling(Calibrator):
     """Platt (1999): ``P(y = 1) = sigmoid(A * (z1 - z0) + B)`` on the logit margin, ``A >= 0`` so
     the ranking (and the AUROC) of the model is never reversed."""
@@ -60,6 +61,7 @@ class PlattScaling(Calibrator):
         self.intercept_ = float(param_array(d, "intercept", ()))
 
 
+@register_calibrator
 class BetaCalibration(Calibrator):
     """Beta calibration (Kull, Silva Filho & Flach 2017) of the positive softmax probability ``p``:
     ``logit P(y = 1) = a ln p - b ln(1 - p) + c`` with ``a, b >= 0`` (so the map is monotone).

@@ -16,9 +16,10 @@ import numpy as np
 from scipy.special import softmax
 from sklearn.isotonic import IsotonicRegression
 
-from medtl.calibrate.base import Calibrator
+from medtl.calibrate.base import Calibrator, register_calibrator
 
 
+@register_calibrator
 class IsotonicCalibration(Calibrator):
     """Isotonic regression of the outcome on the softmax probability (see the module docstring)."""
 

@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, log_expit
 
-from medtl.calibrate.base import Calibrator, lbfgs, param_array
+from medtl.calibrate.base import Calibrator, lbfgs, param_array, register_local_update
 from medtl.calibrate.binary import _two_columns
-
 
 PRIOR_SD = {"slope": 1.0, "intercept": 2.0}
 
@@ -85,6 +84,7 @@ class _LogOddsUpdate(Calibrator):
         self.base = calibrator_from_dict(d["base"])
 
 
+@register_local_update
 class InterceptUpdate(_LogOddsUpdate):
     """Calibration-in-the-large: shift the base calibrator's log-odds by one fitted intercept."""
 
@@ -92,6 +92,7 @@ class InterceptUpdate(_LogOddsUpdate):
     free_slope = False
 
 
+@register_local_update
 class LogisticRecalibration(_LogOddsUpdate):
     """Logistic recalibration: a slope (``>= 0``) and an intercept on the base calibrator's log-odds."""
 

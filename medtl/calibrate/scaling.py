@@ -14,11 +14,12 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
-from medtl.calibrate.base import Calibrator, lbfgs, mean_nll, param_array, softmax_nll_and_grad
+from medtl.calibrate.base import Calibrator, lbfgs, mean_nll, param_array, register_calibrator, softmax_nll_and_grad
 
 _LOG_T_BOUNDS = (np.log(1e-2), np.log(1e2))
 
 
+@register_calibrator
 class NoCalibration(Calibrator):
     """The plain softmax of the logits (a calibrator that changes nothing)."""
 
@@ -37,6 +38,7 @@ class NoCalibration(Calibrator):
         pass
 
 
+@register_calibrator
 class TemperatureScaling(Calibrator):
     """``softmax(z / T)`` with one temperature ``T > 0`` minimising the NLL; optimised over
     ``log T`` in ``[log 0.01, log 100]`` by bounded Brent (the NLL is unimodal in ``log T``)."""
@@ -69,6 +71,7 @@ class TemperatureScaling(Calibrator):
         self.temperature_ = temperature
 
 
+@register_calibrator
 class VectorScaling(Calibrator):
     """``softmax(a * z + b)`` with a per-class scale ``a`` and bias ``b`` minimising the NLL (L-BFGS)."""
 
@@ -100,6 +103,7 @@ class VectorScaling(Calibrator):
         self.bias_ = param_array(d, "bias", (n_classes,))
 
 
+@register_calibrator
 class MatrixScaling(Calibrator):
     """``softmax(W z + b)`` minimising NLL + ``off_diagonal_l2 * sum(offdiag(W)^2)`` (L-BFGS).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-METHODS = ("adabn", "tent")  # medtl.adapt.NORMALIZATION_METHODS, spelled out so that --help does not import torch
+METHODS = ("adabn", "tent")  # the names in medtl.adapt.NORMALIZATION, spelled out so that --help does not import torch
 
 
 def register(sub: argparse._SubParsersAction) -> None:

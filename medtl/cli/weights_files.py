@@ -19,7 +19,6 @@ from medtl.backbones import (
     sha256_file,
 )
 from medtl.backbones.files import record_sha256, recorded_sha256, verify_sha256
-from medtl.backbones.registry import REGISTRY
 from medtl.backbones.sources import ExpectedFile
 from medtl.cli.weights import IMPORTABLE
 
@@ -32,7 +31,7 @@ def list_files(source: str | None, backbone: str | None) -> int:
     print("Backbones (medtl train: model.backbone, model.weights; 3D with data.spatial_dims: 3)")
     print(f"  {'NAME':<20}{'DIMS':<7}{'FEATURES':<10}{'INPUT':<7}SOURCES")
     for name in names:
-        specs = [REGISTRY[name, d] for d in get_spec(name).spatial_dims]
+        specs = [get_spec(name, d) for d in get_spec(name).spatial_dims]
         dims = ",".join(f"{s.dims}D" for s in specs)
         sources = ", ".join(f"{src} ({s.dims}D)" for s in specs for src in s.sources)
         print(f"  {name:<20}{dims:<7}{specs[0].feature_dim:<10}{specs[0].default_input_size:<7}{sources}")

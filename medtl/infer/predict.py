@@ -35,6 +35,7 @@ from medtl.infer.batch import gather_inputs, load_batches, quick_fingerprint, sp
 from medtl.infer.cam import CamWriter
 from medtl.infer.table import ResultTable, read_rows, write_table
 from medtl.infer.tta import tta_logits, tta_probabilities
+from medtl.train.distributed import join_process_group
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,7 @@ def uncertain(predictor: Predictor, probs: np.ndarray, band: float | np.ndarray)
 
 def _rank_world() -> tuple[int, int]:
     """This process's rank and the world size, joining the process group torchrun set up."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    join_process_group()
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

@@ -70,7 +70,7 @@ def read_header(path: str | Path, *, pixels: bool = False) -> pydicom.Dataset:
         except Exception as err:
             raise ScanReadError(path, f"not a DICOM file ({type(err).__name__}: {err})") from err
         if not any(keyword in ds for keyword in ("Rows", "SOPClassUID", "Modality")):
-            raise ScanReadError(path, "not a DICOM file (no DICM preamble and no DICOM header)")
+            raise ScanReadError(path, "not a DICOM file (no DICM preamble and no DICOM header)") from None
         ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
         return ds
     except (OSError, EOFError) as err:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from medtl.checks import class_indices
+
 
 def scores_1d(y_score, name: str = "y_score") -> np.ndarray:
     """A finite float64 vector."""
@@ -47,16 +49,7 @@ def binary_outcome(y_true, positive=1, n: int | None = None, *, need_both: bool 
 
 def class_labels(y_true, n: int, n_classes: int) -> np.ndarray:
     """Integer class indices in [0, n_classes)."""
-    y = np.asarray(y_true)
-    if y.ndim != 1 or len(y) != n:
-        raise ValueError(f"y_true must have shape ({n},), got {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.equal(np.mod(y, 1), 0)):
-            raise ValueError("y_true must hold integer class indices")
-        y = y.astype(np.int64)
-    if y.size and (y.min() < 0 or y.max() >= n_classes):
-        raise ValueError(f"y_true must hold class indices in [0, {n_classes}), got {y.min()} to {y.max()}")
-    return y
+    return class_indices(y_true, n, n_classes, "y_true")
 
 
 def conf_level_ok(conf_level: float) -> float:

@@ -95,7 +95,7 @@ class OperatingPoint:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "OperatingPoint":
+    def from_dict(cls, d: dict) -> OperatingPoint:
         """Rebuild from :meth:`to_dict` output (e.g. a bundle's ``bundle.json``)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)

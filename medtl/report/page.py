@@ -174,7 +174,8 @@ def _threshold_section(s: Mapping, images: Mapping[str, Path]) -> str:
         lead = (f"<p>{_e(conv['decision_rule'])}; threshold <b>{_e(_num(tm['threshold'], 4))}</b>. "
                 f"Chosen by: {_e(op.get('description') or op.get('method') or 'not recorded')}.</p>"
                 f"<p>TP {_e(tm['tp'])}, FP {_e(tm['fp'])}, TN {_e(tm['tn'])}, FN {_e(tm['fn'])}.</p>")
-        return "<h2>Operating point</h2>" + lead + table + f'<div class="figs">{_figure(images, "confusion", "Confusion matrix at the operating point (row percentages)")}</div>'
+        confusion = _figure(images, "confusion", "Confusion matrix at the operating point (row percentages)")
+        return "<h2>Operating point</h2>" + lead + table + f'<div class="figs">{confusion}</div>'
     rows = [
         [_e(name), _e(d["n"]), _auroc(cal["auroc"].get("per_class", {}).get(name)), _estimate(d["sensitivity"], _pct), _estimate(d["ppv"], _pct)]
         for name, d in cal["per_class_decisions"].items()
@@ -223,7 +224,8 @@ def _subgroup_section(s: Mapping) -> str:
     binary = bool(s["positive_class"])
     for column, groups in s["subgroups"].items():
         if binary:
-            header = ["Group", "Cases", f"Events ('{s['positive_class']}')", "AUROC (95% CI)", "Sensitivity (95% CI)", "Specificity (95% CI)", "ECE", "Brier"]
+            header = ["Group", "Cases", f"Events ('{s['positive_class']}')", "AUROC (95% CI)", "Sensitivity (95% CI)",
+                      "Specificity (95% CI)", "ECE", "Brier"]
             rows = [[_e(g), _e(d["n"]), _e(d["events"]), _auroc(d["auroc"]), _estimate(d.get("sensitivity"), _pct),
                      _estimate(d.get("specificity"), _pct), _e(_num(d["ece"])), _e(_num(d["brier"]))] for g, d in groups.items()]
         else:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from medtl.checks import class_indices
 from medtl.metrics import (
     DECISION_RULE,
     Estimate,
@@ -49,10 +50,7 @@ def _check_inputs(y_true, probs_uncalibrated, probs_calibrated, class_names, pos
     n, c = p_c.shape
     if len(class_names) != c:
         raise ValueError(f"{len(class_names)} class names for {c} probability columns")
-    y = np.asarray(y_true)
-    if y.shape != (n,) or not np.issubdtype(y.dtype, np.number) or np.any(y != np.round(y)) or (n and (y.min() < 0 or y.max() >= c)):
-        raise ValueError(f"y_true must hold {n} integer class indices in [0, {c})")
-    y = y.astype(np.int64)
+    y = class_indices(y_true, n, c, "y_true").astype(np.int64)
     # float32 softmax can land a rounding error outside [0, 1]
     p_u, p_c = (np.clip(p, 0.0, 1.0) if p.size and p.min() >= -1e-6 and p.max() <= 1 + 1e-6 else p for p in (p_u, p_c))
     if positive_index is not None and not 0 <= positive_index < c:

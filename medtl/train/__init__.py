@@ -2,16 +2,16 @@
 
 from medtl.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from medtl.train.data import class_weights, labelled_items, make_loader, micro_batch_size, resolve_classes
-from medtl.train.folds import Member, cross_validation_members, seed_members
 from medtl.train.distributed import distributed_session, is_main, world_size
-from medtl.train.trainer import FitResult, Trainer, auroc, resolve_device
+from medtl.train.folds import Member, cross_validation_members, seed_members
+from medtl.train.inference import predict_logits, softmax
+from medtl.train.trainer import FitResult, Trainer, resolve_device
 
 __all__ = [
     "CHECKPOINT_FILE",
     "FitResult",
     "Member",
     "Trainer",
-    "auroc",
     "class_weights",
     "cross_validation_members",
     "distributed_session",
@@ -20,9 +20,11 @@ __all__ = [
     "load_checkpoint",
     "make_loader",
     "micro_batch_size",
+    "predict_logits",
     "resolve_classes",
     "resolve_device",
     "save_checkpoint",
     "seed_members",
+    "softmax",
     "world_size",
 ]

@@ -36,21 +36,28 @@ def is_main() -> bool:
     return rank() == 0
 
 
-@contextmanager
-def distributed_session(timeout_minutes: float = 30.0) -> Iterator[None]:
-    """Join the process group that ``torchrun`` describes in the environment (nothing to do
-    when ``WORLD_SIZE`` is absent or 1); on CUDA each process takes its ``LOCAL_RANK`` device."""
+def join_process_group(timeout_minutes: float = 30.0) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (NCCL on GPU, each
+    process on its ``LOCAL_RANK`` device; gloo on CPU).  True when this call joined it; False
+    when there is nothing to join (``WORLD_SIZE`` absent or 1) or it was joined before."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        yield
-        return
+        return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    return True
+
+
+@contextmanager
+def distributed_session(timeout_minutes: float = 30.0) -> Iterator[None]:
+    """:func:`join_process_group` for the length of the block, leaving the group at the end."""
+    joined = join_process_group(timeout_minutes)
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        if joined:
+            dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -25,17 +25,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from medtl.adapt import DomainTerm, FullFineTuning, target_scores
+from medtl.adapt import SCORES, DomainTerm, FullFineTuning, target_scores
 from medtl.config import TrainConfig
+from medtl.metrics import auroc_point
 from medtl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medtl.train.data import sharded, start_epoch
-from medtl.train.distributed import all_reduce_sum, barrier, gather_sharded, is_distributed, is_main
+from medtl.train.distributed import all_reduce_sum, barrier, is_distributed, is_main
+from medtl.train.inference import predict_logits, softmax
 from medtl.train.logs import EpochLog
 from medtl.train.memory import checkpoint_blocks, is_2d
 from medtl.train.precision import make_scaler, resolve_amp
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_auroc", "lr", "seconds", "images_per_s")
 DOMAIN_FIELDS = ("domain_loss",)
-TARGET_FIELDS = ("target_im", "target_entropy", "target_snd")
 POSTFIX_EVERY = 20  # steps between progress-bar updates (each one waits for the device)
 
 
@@ -69,18 +69,6 @@ def configure_determinism(deterministic: bool, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = not deterministic
 
 
-def auroc(labels: np.ndarray, logits: np.ndarray) -> float:
-    """Validation AUROC: positive-class score for two classes, macro one-vs-rest otherwise.
-
-    NaN when the labels hold a single class (AUROC is undefined there)."""
-    if len(np.unique(labels)) < 2:
-        return float("nan")
-    probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(labels, probs[:, 1]))
-    return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=np.arange(probs.shape[1])))
-
-
 @dataclass
 class FitResult:
     """What :meth:`Trainer.fit` leaves behind (the model itself holds the best weights)."""
@@ -90,6 +78,19 @@ class FitResult:
     best_auroc: float = float("nan")
     selection: str = "source_val"
     best_score: float = float("nan")
+
+
+@dataclass
+class _Progress:
+    """What :meth:`Trainer.fit` carries from epoch to epoch, and through a checkpoint: the result
+    so far, the best epoch's key ``(score, -val_loss)`` and weights, the epochs without a gain."""
+
+    result: FitResult
+    best_key: tuple[float, float] = (-math.inf, -math.inf)
+    best_state: dict | None = None
+    stale: int = 0
+    stopped: bool = False
+    epoch: int = 0  # the last finished epoch
 
 
 def _warmup_cosine(total_steps: int, warmup_steps: int):
@@ -238,37 +239,110 @@ class Trainer:
         count = max(count, 1)
         return ce_sum / count, domain_sum / count if self.domain is not None else math.nan, count / (time.perf_counter() - started)
 
-    @torch.inference_mode()
-    def predict_logits(self, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and labels of every item in ``loader`` (model in eval mode).  A loader sharded
-        across ranks (:func:`medtl.train.data.sharded`) gives every rank the whole set."""
-        self.model.eval()
-        logits, labels = [], []
-        for batch in loader:
-            with self._autocast():
-                logits.append(self.model(self._images(batch)).float())
-            labels.append(torch.as_tensor(batch["label"]).to(self.device))
-        logits_t, labels_t = torch.cat(logits), torch.cat(labels)
-        if isinstance(loader.sampler, DistributedSampler) and loader.sampler.num_replicas > 1:
-            total = len(loader.dataset)
-            logits_t, labels_t = gather_sharded(logits_t, total), gather_sharded(labels_t, total)
-        return logits_t.cpu().numpy(), labels_t.cpu().numpy()
+    def _logits(self, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
+        return predict_logits(self.model, loader, self.device, amp_dtype=self.amp_dtype, memory_format=self.memory_format)
 
-    def _state(self, epoch: int, result: FitResult, best_key, best_state, stale: int, stopped: bool) -> dict:
+    def _state(self, progress: _Progress) -> dict:
         return {
-            "epoch": epoch,
+            "epoch": progress.epoch,
             "step": self._step,
             "model": self.model.state_dict(),
             "domain": self.domain.state_dict() if self.domain is not None else {},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
-            "best_key": list(best_key),
-            "best_state": best_state,
-            "stale": stale,
-            "stopped": stopped,
-            "result": asdict(result),
+            "best_key": list(progress.best_key),
+            "best_state": progress.best_state,
+            "stale": progress.stale,
+            "stopped": progress.stopped,
+            "result": asdict(progress.result),
         }
+
+    def _resume(self, checkpoint: Path | None) -> _Progress:
+        """Model, optimizer, schedule position, random state and early-stopping state from ``checkpoint``."""
+        if checkpoint is None:
+            raise ValueError("resume=True needs the checkpoint file to resume from")
+        state = load_checkpoint(checkpoint)
+        self.model.load_state_dict(state["model"])
+        if self.domain is not None:
+            self.domain.load_state_dict(state["domain"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.strategy.start_epoch(state["epoch"], self.cfg.epochs)
+        self._step = state["step"]
+        progress = _Progress(FitResult(**state["result"]), tuple(state["best_key"]), state["best_state"], state["stale"],
+                             state["stopped"], state["epoch"])
+        set_rng_state(state["rng"])
+        log.info("resuming from %s after epoch %d", checkpoint, state["epoch"])
+        return progress
+
+    def _check_loaders(self, train_loader: DataLoader, val_loader: DataLoader, target_loader: DataLoader | None,
+                       target_eval_loader: DataLoader | None) -> tuple[DataLoader, DataLoader | None]:
+        """The validation and target-evaluation loaders to use (sharded under torchrun), after
+        checking that the domain loss and the selection score have the scans they need."""
+        if self.domain is not None and target_loader is None:
+            raise ValueError(f"domain loss '{self.domain.method}' needs target scans (target_loader)")
+        if self.selection != "source_val" and target_eval_loader is None:
+            raise ValueError(f"adapt.selection={self.selection} needs unlabelled target scans")
+        if is_distributed():
+            if not isinstance(train_loader.sampler, DistributedSampler):
+                raise ValueError("under torchrun the training loader needs a DistributedSampler (make_loader builds one)")
+            val_loader = sharded(val_loader)
+            target_eval_loader = sharded(target_eval_loader) if target_eval_loader is not None else None
+        return val_loader, target_eval_loader
+
+    def _schedule(self, batches_per_epoch: int):
+        """Warm-up + cosine over every optimizer step of the run; resets the step counter."""
+        per_epoch = math.ceil(batches_per_epoch / self.cfg.accumulate)
+        steps = self.cfg.epochs * per_epoch
+        self._step, self._total_steps = 0, max(steps, 1)
+        return _warmup_cosine(steps, warmup_steps=min(per_epoch, steps // 10 + 1))
+
+    def _epoch(self, epoch: int, progress: _Progress, schedule, train_loader: DataLoader, val_loader: DataLoader,
+               target_loader: DataLoader | None, target_eval_loader: DataLoader | None) -> dict:
+        """Train one epoch and validate: the epoch's row of the log."""
+        start = time.perf_counter()
+        if self.strategy.start_epoch(epoch, self.cfg.epochs) and epoch > 1:
+            progress.stale, self._forward = 0, None
+            log.info("epoch %d: new stage, trainable blocks %s", epoch, sorted(self.strategy.trainable))
+        start_epoch(train_loader, epoch, self.cfg.seed)
+        target = _cycle(target_loader, epoch, self.cfg.seed) if self.domain is not None else None
+        train_loss, domain_loss, rate = self._train_epoch(train_loader, schedule, epoch, target)
+        logits, labels = self._logits(val_loader)
+        val_loss = float(self.loss_fn(torch.as_tensor(logits).to(self.device), torch.as_tensor(labels).to(self.device)))
+        val_auroc = auroc_point(labels, softmax(logits))
+        row = {
+            "epoch": epoch,
+            "train_loss": round(train_loss, 6),
+            "val_loss": round(val_loss, 6),
+            "val_auroc": round(val_auroc, 6),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        if self.domain is not None:
+            row["domain_loss"] = round(domain_loss, 6)
+        if target_eval_loader is not None:
+            row.update({k: round(v, 6) for k, v in target_scores(self._logits(target_eval_loader)[0]).items()})
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        row["images_per_s"] = round(rate, 1)
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f (%.1fs, %.0f img/s, about %.0fs to go)",
+                 epoch, train_loss, val_loss, val_auroc, row["seconds"], rate, row["seconds"] * (self.cfg.epochs - epoch))
+        self._select(epoch, progress, val_auroc, val_loss, row)
+        return row
+
+    def _select(self, epoch: int, progress: _Progress, val_auroc: float, val_loss: float, row: dict) -> None:
+        """Keep the epoch if its selection score beats the best (ties: lower validation loss), else
+        count it towards early stopping, which waits for the strategy's last stage."""
+        score = val_auroc if self.selection == "source_val" else row[f"target_{self.selection}"]
+        key = (score if not math.isnan(score) else -math.inf, -val_loss)
+        if key > progress.best_key:
+            progress.best_key, progress.stale = key, 0
+            progress.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            progress.result.best_epoch, progress.result.best_auroc, progress.result.best_score = epoch, val_auroc, score
+        else:
+            progress.stale += 1
+            if progress.stale >= self.cfg.patience and epoch >= self.strategy.last_stage_start(self.cfg.epochs):
+                log.info("early stop: no gain in %s for %d epochs", self.selection, progress.stale)
+                progress.stopped = True
 
     def fit(
         self,
@@ -290,91 +364,29 @@ class Trainer:
         domain loss); ``target_eval_loader`` (default: ``target_loader``): the target scans the
         label-free scores are computed on each epoch.  ``checkpoint``: file written every
         ``cfg.checkpoint_every`` epochs and at the end; with ``resume`` training continues from it."""
-        if self.domain is not None and target_loader is None:
-            raise ValueError(f"domain loss '{self.domain.method}' needs target scans (target_loader)")
-        target_eval_loader = target_eval_loader or target_loader
-        if self.selection != "source_val" and target_eval_loader is None:
-            raise ValueError(f"adapt.selection={self.selection} needs unlabelled target scans")
-        if is_distributed():
-            if not isinstance(train_loader.sampler, DistributedSampler):
-                raise ValueError("under torchrun the training loader needs a DistributedSampler (make_loader builds one)")
-            val_loader = sharded(val_loader)
-            target_eval_loader = sharded(target_eval_loader) if target_eval_loader is not None else None
-        per_epoch = math.ceil(len(train_loader) / self.cfg.accumulate)
-        steps = self.cfg.epochs * per_epoch
-        schedule = _warmup_cosine(steps, warmup_steps=min(per_epoch, steps // 10 + 1))
-        self._step, self._total_steps = 0, max(steps, 1)
-        fields = HISTORY_FIELDS + (DOMAIN_FIELDS if self.domain is not None else ()) + (TARGET_FIELDS if target_eval_loader else ())
-        result = FitResult(selection=self.selection)
-        best_key, best_state, stale, stopped, first_epoch = (-math.inf, -math.inf), None, 0, False, 1
-        if resume:
-            if checkpoint is None:
-                raise ValueError("resume=True needs the checkpoint file to resume from")
-            state = load_checkpoint(checkpoint)
-            self.model.load_state_dict(state["model"])
-            if self.domain is not None:
-                self.domain.load_state_dict(state["domain"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
-            self.strategy.start_epoch(state["epoch"], self.cfg.epochs)
-            self._step, stale, stopped = state["step"], state["stale"], state["stopped"]
-            best_key, best_state = tuple(state["best_key"]), state["best_state"]
-            result = FitResult(**state["result"])
-            first_epoch = state["epoch"] + 1
-            set_rng_state(state["rng"])
-            log.info("resuming from %s after epoch %d", checkpoint, state["epoch"])
-        epoch_log = EpochLog(log_path, fields, result.history) if log_path is not None and is_main() else None
+        val_loader, target_eval_loader = self._check_loaders(train_loader, val_loader, target_loader,
+                                                             target_eval_loader or target_loader)
+        schedule = self._schedule(len(train_loader))
+        progress = self._resume(checkpoint) if resume else _Progress(FitResult(selection=self.selection))
+        fields = (HISTORY_FIELDS + (DOMAIN_FIELDS if self.domain is not None else ())
+                  + (tuple(f"target_{name}" for name in SCORES) if target_eval_loader else ()))
+        epoch_log = EpochLog(log_path, fields, progress.result.history) if log_path is not None and is_main() else None
         try:
-            for epoch in range(first_epoch, self.cfg.epochs + 1):
-                if stopped:
+            for epoch in range(progress.epoch + 1, self.cfg.epochs + 1):
+                if progress.stopped:
                     break
-                start = time.perf_counter()
-                if self.strategy.start_epoch(epoch, self.cfg.epochs) and epoch > 1:
-                    stale, self._forward = 0, None
-                    log.info("epoch %d: new stage, trainable blocks %s", epoch, sorted(self.strategy.trainable))
-                start_epoch(train_loader, epoch, self.cfg.seed)
-                target = _cycle(target_loader, epoch, self.cfg.seed) if self.domain is not None else None
-                train_loss, domain_loss, rate = self._train_epoch(train_loader, schedule, epoch, target)
-                logits, labels = self.predict_logits(val_loader)
-                val_loss = float(self.loss_fn(torch.as_tensor(logits).to(self.device), torch.as_tensor(labels).to(self.device)))
-                val_auroc = auroc(labels, logits)
-                row = {
-                    "epoch": epoch,
-                    "train_loss": round(train_loss, 6),
-                    "val_loss": round(val_loss, 6),
-                    "val_auroc": round(val_auroc, 6),
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                }
-                if self.domain is not None:
-                    row["domain_loss"] = round(domain_loss, 6)
-                if target_eval_loader is not None:
-                    row.update({k: round(v, 6) for k, v in target_scores(self.predict_logits(target_eval_loader)[0]).items()})
-                row["seconds"] = round(time.perf_counter() - start, 2)
-                row["images_per_s"] = round(rate, 1)
-                result.history.append(row)
+                row = self._epoch(epoch, progress, schedule, train_loader, val_loader, target_loader, target_eval_loader)
+                progress.result.history.append(row)
+                progress.epoch = epoch
                 if epoch_log is not None:
                     epoch_log.write(row)
-                eta = row["seconds"] * (self.cfg.epochs - epoch)
-                log.info("epoch %d: train loss %.4f, val loss %.4f, val AUROC %.4f (%.1fs, %.0f img/s, about %.0fs to go)",
-                         epoch, train_loss, val_loss, val_auroc, row["seconds"], rate, eta)
-                score = val_auroc if self.selection == "source_val" else row[f"target_{self.selection}"]
-                key = (score if not math.isnan(score) else -math.inf, -val_loss)
-                if key > best_key:
-                    best_key, stale = key, 0
-                    best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-                    result.best_epoch, result.best_auroc, result.best_score = epoch, val_auroc, score
-                else:
-                    stale += 1
-                    if stale >= self.cfg.patience and epoch >= self.strategy.last_stage_start(self.cfg.epochs):
-                        log.info("early stop: no gain in %s for %d epochs", self.selection, stale)
-                        stopped = True
-                due = epoch % self.cfg.checkpoint_every == 0 or stopped or epoch == self.cfg.epochs
+                due = epoch % self.cfg.checkpoint_every == 0 or progress.stopped or epoch == self.cfg.epochs
                 if checkpoint is not None and due and is_main():
-                    save_checkpoint(self._state(epoch, result, best_key, best_state, stale, stopped), checkpoint)
+                    save_checkpoint(self._state(progress), checkpoint)
         finally:
             if epoch_log is not None:
                 epoch_log.close()
         barrier()
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
-        return result
+        if progress.best_state is not None:
+            self.model.load_state_dict(progress.best_state)
+        return progress.result

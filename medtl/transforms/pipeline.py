@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-
 from collections.abc import Mapping, Sequence
 from typing import Any
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medtl.backbones import REGISTRY_ENTRIES, create
+from medtl.backbones import backbone_entries, create
 
 # The smallest input each architecture accepts (ViT's position embedding fixes 224).
 _SIZE = {"vit_b_16": 224, "densenet121": 32}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,dims", REGISTRY_ENTRIES, ids=[f"{n}-{d}d" for n, d in REGISTRY_ENTRIES])
+@pytest.mark.parametrize("name,dims", backbone_entries(), ids=[f"{n}-{d}d" for n, d in backbone_entries()])
 def test_builds_and_runs(name, dims):
     for channels in (1, 3):
         model = create(name, in_channels=channels, spatial_dims=dims, num_classes=3).eval()

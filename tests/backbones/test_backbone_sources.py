@@ -187,7 +187,7 @@ def test_bundle_backbone_becomes_pretrained_weights(tmp_path):
     assert preprocessing_for("resnet18", f"bundle:{tmp_path / 'site_a'}")["mean"] == 0.449
     with pytest.raises(ValueError, match="the bundle's backbone is 'resnet18', not 'resnet34'"):
         create("resnet34", weights=f"bundle:{tmp_path / 'site_a'}")
-    with pytest.raises(FileNotFoundError, match="not a medtl bundle"):
+    with pytest.raises(ValueError, match="not a medtl bundle"):
         create("resnet18", weights=f"bundle:{tmp_path}")
 
 
