@@ -17,7 +17,8 @@ about half (docs/benchmarks.md, *Shared servers*).  So one place decides, once p
 
 ``--threads N`` on the command line, else ``MEDTL_NUM_THREADS``, else an ``OMP_NUM_THREADS`` the
 user set, gives the intra-op thread count instead; wait settings the user made
-(``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``, ``KMP_BLOCKTIME``) are left as they are.  Python API
+(``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``, ``KMP_BLOCKTIME``) are left as they are.  (torchrun
+with several processes sets ``OMP_NUM_THREADS=1`` where the user did not; it is kept too.)  Python API
 users call :func:`set_wait_policy` before importing torch and :func:`apply_budget` once, as the
 command does.
 """

@@ -39,8 +39,8 @@ PNEUMONIA = ROOT.parent / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist
 ROWS = ("default", "budget", "threads1")
 CONDITIONS = {
     "quiet": None,
-    "python loop": "while True: pass",
-    "numpy matmul": "import numpy as np\na = np.random.default_rng(0).random((256, 256))\nwhile True: a @ a",
+    "python": "while True: pass",
+    "numpy": "import numpy as np\na = np.random.default_rng(0).random((256, 256))\nwhile True: a @ a",
 }
 CLEARED = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MEDTL_NUM_THREADS",
            "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -131,17 +131,19 @@ def run_probe(kind: str, row: str, condition: str, args: argparse.Namespace, wor
 def contention(kind: str, args: argparse.Namespace, work: Path) -> None:
     unit = "images/s" if kind == "train" else "scans/s"
     rates: dict[tuple[str, str], float] = {}
-    for condition in CONDITIONS:
-        for row in ROWS:
+    conditions, rows = ["quiet", *[c for c in args.conditions if c != "quiet"]], args.rows
+    for condition in conditions:
+        for row in rows:
             rates[row, condition], settings = run_probe(kind, row, condition, args, work)
             print(f"  {kind} {row:8s} {condition:12s} {rates[row, condition]:7.1f} {unit}   [{settings}]", flush=True)
     print(f"\n{kind} ({unit}; ratio vs the same row quiet; load average now {os.getloadavg()[0]:.2f})")
-    print("| threads | " + " | ".join(CONDITIONS) + " | quiet vs default |")
-    print("|---|" + "---|" * (len(CONDITIONS) + 1))
-    for row in ROWS:
+    print("| threads | " + " | ".join(conditions) + " | quiet vs default |")
+    print("|---|" + "---|" * (len(conditions) + 1))
+    for row in rows:
         quiet = rates[row, "quiet"]
-        cells = [f"{quiet:.1f}"] + [f"{rates[row, c]:.1f} ({rates[row, c] / quiet:.2f}x)" for c in CONDITIONS if c != "quiet"]
-        print(f"| {row} | " + " | ".join(cells) + f" | {quiet / rates['default', 'quiet']:.2f}x |")
+        cells = [f"{quiet:.1f}"] + [f"{rates[row, c]:.1f} ({rates[row, c] / quiet:.2f}x)" for c in conditions[1:]]
+        versus = f"{quiet / rates['default', 'quiet']:.2f}x" if "default" in rows else "-"
+        print(f"| {row} | " + " | ".join(cells) + f" | {versus} |")
     print(flush=True)
 
 
@@ -204,6 +206,9 @@ def main() -> None:
     parser.add_argument("--series", type=int, default=100)
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--scan-workers", type=int, nargs="*", default=[], help="more worker counts to time")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="thread settings to time")
+    parser.add_argument("--conditions", nargs="+", choices=list(CONDITIONS), default=list(CONDITIONS),
+                        help="competitors to time beside (quiet always runs)")
     parser.add_argument("--budget-env", nargs="*", default=[], metavar="NAME=VALUE", help="environment of the budget rows")
     parser.add_argument("--probe", choices=("train", "predict"), help=argparse.SUPPRESS)
     parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)
