@@ -41,7 +41,7 @@ ENV_THREADS = "MEDTL_NUM_THREADS"
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 # GNU OpenMP (the Linux torch wheels) spins 300,000 rounds by default before sleeping, Intel and
 # LLVM OpenMP 200 ms; these let a waiting thread give its core back within tens of microseconds.
-WAIT_POLICY = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0"}
+WAIT_POLICY = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SELF_CGROUP = Path("/proc/self/cgroup")
 
