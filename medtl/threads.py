@@ -39,9 +39,11 @@ log = logging.getLogger(__name__)
 
 ENV_THREADS = "MEDTL_NUM_THREADS"
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-# GNU OpenMP (the Linux torch wheels) spins 300,000 rounds by default before sleeping, Intel and
-# LLVM OpenMP 200 ms; these let a waiting thread give its core back within tens of microseconds.
-WAIT_POLICY = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}
+# GNU OpenMP (the Linux torch wheels) spins 300,000 rounds (milliseconds) by default before a
+# waiting thread sleeps, Intel and LLVM OpenMP 200 ms.  1,000 rounds keep a quick hand-over
+# between back-to-back parallel regions and give the core back to another job soon (measured:
+# docs/benchmarks.md, Shared servers; KMP_BLOCKTIME, for Intel/LLVM builds, is not measured there).
+WAIT_POLICY = {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "1"}
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SELF_CGROUP = Path("/proc/self/cgroup")
 
