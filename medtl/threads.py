@@ -100,7 +100,9 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) 
         return None
     limits = []
     for line in lines:
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if line.count(":") < 2:
+            continue
+        _, controllers, path = line.split(":", 2)
         if controllers == "":  # the v2 unified hierarchy
             candidates = [(folder / "cpu.max", _quota_v2) for folder in _levels(root, path)]
         elif "cpu" in controllers.split(","):
