@@ -23,6 +23,7 @@ from monai.utils import set_determinism
 from safetensors.torch import load_file, save_file
 
 from medtl import bundle as bundles
+from medtl import threads
 from medtl.bundle import FeatureReference
 from medtl.bundle.bundle import CONFIG_FILE as BUNDLE_CONFIG
 from medtl.backbones import Ensemble, check_batch, create, extract_features, get_spec, pool_members, preprocessing_for
@@ -160,7 +161,7 @@ def _check_resumable(run_dir: Path) -> None:
 
 
 def _start_run(run_dir: Path, config: Config, resume: bool) -> None:
-    """Record the resolved config and package versions in the run folder (rank 0 writes).  A
+    """Record the resolved config, package versions and thread budget in the run folder (rank 0 writes).  A
     resumed run must have the config it started with (exact resume depends on it)."""
     text = dump_config(config)
     if resume:
@@ -171,7 +172,8 @@ def _start_run(run_dir: Path, config: Config, resume: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main():
         (run_dir / "config.yaml").write_text(text)
-        (run_dir / "versions.json").write_text(json.dumps(bundles.package_versions(), indent=2))
+        versions = {**bundles.package_versions(), "threads": threads.in_effect()}
+        (run_dir / "versions.json").write_text(json.dumps(versions, indent=2))
 
 
 def _configure(config: Config, labelled: Sequence[ScanRecord]) -> tuple[Config, dict[str, Any] | None]:

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from medtl.cli import main
@@ -26,6 +27,8 @@ def test_cli_synth_train_evaluate_predict(tmp_path):
                  "report/report.html", "report/metrics.json"):
         assert (run / name).is_file(), name
     meta = json.loads((run / "bundle" / "bundle.json").read_text())
+    budget = json.loads((run / "versions.json").read_text())["threads"]  # the thread budget the run had
+    assert budget["intra_op"] == torch.get_num_threads() and budget["inter_op"] == 1 and budget["worker_threads"] == 1
     assert meta["calibration"]["method"] == "platt"  # calibration auto, binary
     assert meta["operating_point"]["method"] == "most_probable"  # recipe: auto, classes 60/40
     assert list(run.joinpath("report").glob("*.png")), "report plots"

@@ -101,6 +101,14 @@ def test_reservoir_keeps_a_bounded_uniform_sample():
 # ---- on a trained bundle -------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for this module's commands too (``medtl`` sets torch's threads itself)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDTL_NUM_THREADS", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """A bundle trained on synthetic scans, and a labelled local set of scans it never saw."""

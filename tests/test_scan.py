@@ -11,6 +11,7 @@ from pydicom.data import get_testdata_file
 from medtl.cli import main
 from medtl.config import Config
 from medtl.io import ScanReadError, inventory, unreadable_scans, write_synthetic
+from medtl.io.inventory import filesystem_type, scan_mode
 from medtl.io.synthetic import write_dicom, write_dicom_series
 
 IDENTIFIERS = ("SYNTHETIC", "SYN-", "19700101", "DOE", "MRN")
@@ -116,3 +117,21 @@ def test_train_checks_unlabelled_target_scans_before_training(tmp_path):
     config = config.model_copy(update={"data": config.data.model_copy(update={"skip_unreadable": True})})
     with pytest.raises(ValueError, match="none of the unlabelled target scans can be read"):
         train(config, tmp_path / "run2")
+
+
+def test_process_and_thread_modes_give_the_same_inventory(messy):
+    """Headers parsed in worker processes (in chunks) or threads or this process: the same rows."""
+    threads = inventory(messy, workers=4, mode="threads")
+    assert inventory(messy, workers=2, mode="processes") == threads
+    assert inventory(messy, workers=1, mode="processes") == threads
+
+
+def test_auto_mode_takes_threads_on_a_network_share(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\nserver:/pacs /mnt/pacs\\040export nfs4 rw 0 0\n")
+    assert filesystem_type("/mnt/pacs export/study1", mounts) == "nfs4"
+    assert filesystem_type("/mnt/pacs", mounts) == "ext4"
+    assert filesystem_type("/data", tmp_path / "none") == ""
+    assert scan_mode(tmp_path) in ("processes", "threads") and scan_mode(tmp_path, "threads") == "threads"
+    with pytest.raises(ValueError, match="scan mode 'fast'"):
+        scan_mode(tmp_path, "fast")

@@ -59,7 +59,7 @@ def _without_timing(path):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_interrupted_then_resumed_run_is_bit_identical(small_data, monkeypatch, one_thread, workers):
     """3 epochs straight vs killed after epoch 2 and resumed, random augmentation on."""
-    config = [str(small_data / "run.yaml"), "--set", f"data.num_workers={workers}"]
+    config = [str(small_data / "run.yaml"), "--set", f"data.num_workers={workers}", "--threads", "1"]
     straight, resumed = small_data / f"straight{workers}", small_data / f"resumed{workers}"
     assert main(["train", *config, "--out", str(straight)]) == 0
 

@@ -9,10 +9,14 @@ import sys
 import traceback
 
 from medtl import __version__
+from medtl.threads import add_threads_option, apply_budget, set_wait_policy
 
 # Each name is a module ``medtl.cli.<name>`` exposing ``register(subparsers)``; the order is
 # the order ``medtl --help`` lists them in.
 COMMANDS = ("synth", "scan", "train", "evaluate", "predict", "recalibrate", "adapt", "weights", "rank", "demo")
+# The commands that run a model: they take --threads, and medtl sets torch's thread pools for them
+# (medtl/threads.py); scan takes its worker processes from the same CPU count.
+MODEL_COMMANDS = ("train", "evaluate", "predict", "recalibrate", "adapt", "rank", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"medtl.cli.{name}").register(sub)
+    for name in MODEL_COMMANDS:
+        add_threads_option(sub.choices[name])
     for command in sub.choices.values():  # -v also after the command; SUPPRESS keeps one given before it
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -38,9 +44,12 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_wait_policy()  # before any command imports torch, whose OpenMP runtime reads it once
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
+        if args.command in MODEL_COMMANDS:
+            apply_budget(args.threads)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""``medtl scan INPUT_DIR [--out manifest.csv]``: inventory a folder of scans from headers only."""
+"""``medtl scan INPUT_DIR [--out inventory.csv] [--workers N] [--mode auto|processes|threads]``: inventory a
+folder of scans from headers only."""
 
 from __future__ import annotations
 
@@ -19,14 +20,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input_dir", type=Path, help="Folder to scan (recursively; hidden files skipped).")
     p.add_argument("--out", type=Path, default=None, help="Inventory CSV to write (default: print a summary only).")
-    p.add_argument("--workers", type=int, default=8, help="Header-reading threads (default 8: overlaps network-share latency; on a local disk 1 is fastest).")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="Header-reading workers (default: the CPUs this process may use for processes, 8 for threads; "
+                   "1 reads in this process).")
+    p.add_argument("--mode", choices=("auto", "processes", "threads"), default="auto",
+                   help="processes: parse headers on every core (local disks); threads: overlap the round trips of a "
+                   "network share; auto (default): threads on a network file system (NFS, SMB/CIFS, ...), else processes.")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from medtl.io import inventory, write_inventory
 
-    rows = inventory(args.input_dir, workers=args.workers, progress=True)
+    rows = inventory(args.input_dir, workers=args.workers, mode=args.mode, progress=True)
     kinds = Counter(r["kind"] for r in rows)
     flagged = [r for r in rows if r["problems"]]
     print(f"{len(rows)} scans under {args.input_dir}: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))

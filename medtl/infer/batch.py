@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medtl.bundle import Predictor
 from medtl.io import find_scans, read_manifest
+from medtl.threads import usable_cpus, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def default_workers(device: torch.device) -> int:
     """Decode processes for ``device``: on a GPU, enough cores to keep it fed (up to 8); on the
     CPU, a quarter of the cores (at least one), since every decode worker takes a core from the
     forward pass and decoding costs a fraction of a forward."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores, _ = usable_cpus()
     return max(1, min(8, cores - 1)) if device.type == "cuda" else max(1, cores // 4)
 
 
@@ -121,6 +121,7 @@ def load_batches(
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
+        worker_init_fn=worker_threads,
         pin_memory=predictor.device.type == "cuda",
         prefetch_factor=4 if workers > 0 else None,
     )

@@ -1,11 +1,16 @@
 """A scan inventory from headers only: what is in a folder, and what is wrong with it.
 
-Headers are read in parallel threads without pixel data (pydicom stops at the pixel data tag,
+Headers are read in parallel without pixel data (pydicom stops at the pixel data tag,
 nibabel and PIL read their headers lazily).  DICOM files are grouped by StudyInstanceUID and
 SeriesInstanceUID across the whole tree (not by folder); a cross-sectional series is one row, a
 projection image (no slice position) one row per file.  Problems are the ones the reader would
 meet later: a folder holding two series, missing or duplicate slices, mixed sizes or
 orientations, no pixel data, a compressed syntax without a decoder, an unreadable file.
+
+Header parsing is pure Python and holds the GIL, so it scales with cores only in worker
+processes (``mode="processes"``, the default on local disks); on a network share, where each
+file costs a round trip, threads overlap the waiting at less cost (``mode="threads"``, chosen
+there by ``mode="auto"``).
 
 Rows carry no patient identifiers: no names, IDs, dates or UIDs (series are told apart by a
 short hash of their UID).
@@ -15,10 +20,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
+import multiprocessing
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +41,16 @@ from tqdm.auto import tqdm
 from medtl.io.dicom import decoder_hint, describe, float_values, is_image
 from medtl.io.discover import list_files
 from medtl.io.readers import scan_kind
+from medtl.threads import usable_cpus
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ("image", "kind", "modality", "dimensions", "spacing", "slices", "transfer_syntax", "series", "files", "problems")
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
+SCAN_MODES = ("auto", "processes", "threads")
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "9p", "ceph", "glusterfs", "lustre", "gpfs",
+                                 "beegfs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "fuse.glusterfs"})
+THREAD_WORKERS = 8  # threads overlapping network round trips
 
 
 @dataclass
@@ -219,15 +234,69 @@ def _dicom_rows(headers: list[Header]) -> list[dict]:
     return rows
 
 
-def inventory(root: str | Path, *, workers: int = 8, progress: bool = False) -> list[dict]:
-    """One row per series or scan file under ``root`` (see the module doc), sorted by path."""
+def filesystem_type(path: str | Path, mounts: str | Path = "/proc/mounts") -> str:
+    """The file system type of the mount holding ``path`` ("" where the mount table is unreadable)."""
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def scan_mode(path: str | Path, mode: str = "auto") -> str:
+    """``processes`` or ``threads`` for reading the headers under ``path``: ``auto`` takes threads
+    on a network file system (:data:`NETWORK_FILESYSTEMS`), processes otherwise."""
+    if mode not in SCAN_MODES:
+        raise ValueError(f"scan mode '{mode}': expected one of {', '.join(SCAN_MODES)}")
+    if mode != "auto":
+        return mode
+    return "threads" if filesystem_type(path) in NETWORK_FILESYSTEMS else "processes"
+
+
+def _read_headers(files: Sequence[Path], workers: int, mode: str, progress: bool) -> list[Header | None]:
+    """Every file's header, in order: in this process (one worker), in ``workers`` threads, or in
+    ``workers`` processes that each take chunks of files (fewer round trips between processes)."""
+    bar = dict(total=len(files), desc="reading headers", unit="file", disable=not progress)
+    workers = max(1, min(workers, len(files)))
+    if workers == 1:
+        return list(tqdm(map(read_file_header, files), **bar))
+    pool: Executor
+    if mode == "threads":
+        pool, chunk = ThreadPoolExecutor(max_workers=workers), 1
+    else:  # fork where it is safe: a spawned worker would re-import torch and MONAI (seconds each)
+        context = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+        pool, chunk = ProcessPoolExecutor(max_workers=workers, mp_context=context), max(1, min(256, len(files) // (8 * workers)))
+    with pool:
+        return list(tqdm(pool.map(read_file_header, files, chunksize=chunk), **bar))
+
+
+def inventory(root: str | Path, *, workers: int | None = None, mode: str = "auto", progress: bool = False) -> list[dict]:
+    """One row per series or scan file under ``root`` (see the module doc), sorted by path.
+
+    ``mode`` (:func:`scan_mode`): ``processes`` reads headers in ``workers`` processes (default:
+    the CPUs this process may use, :func:`medtl.threads.usable_cpus`), ``threads`` in ``workers``
+    threads (default 8); ``workers=1`` reads them in this process."""
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder")
+    mode = scan_mode(root, mode)
+    if workers is None:
+        workers = usable_cpus()[0] if mode == "processes" else THREAD_WORKERS
+    if workers < 1:
+        raise ValueError(f"workers={workers}: expected at least 1")
     files, broken = list_files(root)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        headers = list(tqdm(pool.map(read_file_header, files), total=len(files), desc="reading headers", unit="file",
-                            disable=not progress))
+    log.info("reading %d headers in %s", len(files), "this process" if min(workers, len(files)) <= 1 else f"{workers} {mode}")
+    headers = _read_headers(files, workers, mode, progress)
     found = [h for h in headers if h is not None]
     found += [Header(link, "unreadable", error="a broken symbolic link or a symbolic link loop") for link in broken]
     rows = _dicom_rows([h for h in found if h.kind == "dicom"])

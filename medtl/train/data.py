@@ -11,10 +11,12 @@ from typing import Any
 
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data.utils import worker_init_fn as monai_worker_init
 from torch.utils.data import DataLoader as TorchDataLoader
 from torch.utils.data import DistributedSampler
 
 from medtl.io import ScanRecord
+from medtl.threads import worker_threads
 from medtl.train.distributed import rank, world_size
 from medtl.transforms import recipe_key
 
@@ -119,9 +121,17 @@ def make_loader(
         sampler=sampler,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_worker_init,
         pin_memory=torch.cuda.is_available(),
         drop_last=shuffle and len(sampler) > batch_size,
     )
+
+
+def _worker_init(worker_id: int) -> None:
+    """One thread per worker (the budget of :mod:`medtl.threads`), then MONAI's per-worker
+    random state, which a ``worker_init_fn`` of our own would otherwise replace."""
+    worker_threads(worker_id)
+    monai_worker_init(worker_id)
 
 
 def sharded(loader: DataLoader) -> DataLoader:
