@@ -8,12 +8,18 @@ about half (docs/benchmarks.md, *Shared servers*).  So one place decides, once p
 - the CPUs it may use: the affinity mask (``os.sched_getaffinity``), capped by the cgroup CPU
   quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, rounded down, at least
   1), and under torchrun divided by ``LOCAL_WORLD_SIZE`` (each process its share);
-- the split: torch's intra-op pool gets those CPUs; the inter-op pool one thread (eager-mode
+- the split: torch's intra-op pool gets those CPUs, less those other processes kept busy as it
+  started (at least one: two threads on two cores beside a busy neighbour trained slower than
+  one); the inter-op pool one thread (eager-mode
   training and inference barely use it); each DataLoader worker one thread
   (:func:`worker_threads`, for torch and for numpy's BLAS), since workers prefetch and mostly wait;
-- how idle OpenMP threads wait: they spin briefly, then sleep (:data:`WAIT_POLICY`).  The OpenMP
-  runtime reads this when it loads, at ``import torch``, so :func:`set_wait_policy` must run
-  before that; the ``medtl`` command calls it first thing.
+- how idle OpenMP threads wait.  When other processes keep any of this process's CPUs busy as it
+  starts (:func:`busy_cpus`), they spin briefly, then sleep (:data:`WAIT_POLICY`): spinning
+  against a busy neighbour is what collapsed.  On idle CPUs the OpenMP default stays, since
+  the short spin cost a quarter of the quiet speed of small models, whose many tiny parallel
+  regions pay for every wake-up.  The OpenMP runtime reads this when it loads, at
+  ``import torch``, so :func:`set_wait_policy` must run before that; the ``medtl`` command calls
+  it before any command that runs a model.  Load that starts later is not seen.
 
 ``--threads N`` on the command line, else ``MEDTL_NUM_THREADS``, else an ``OMP_NUM_THREADS`` the
 user set, gives the intra-op thread count instead; wait settings the user made
@@ -44,11 +50,14 @@ WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 # between back-to-back parallel regions and give the core back to another job soon (measured:
 # docs/benchmarks.md, Shared servers; KMP_BLOCKTIME, for Intel/LLVM builds, is not measured there).
 WAIT_POLICY = {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "1"}
+BUSY_AT_START = 0.5  # CPUs kept busy by other processes from which the short spin is set
+PROC_STAT = Path("/proc/stat")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SELF_CGROUP = Path("/proc/self/cgroup")
 
 _wait: dict[str, str] = {}  # what set_wait_policy found or set, for the record
 _applied: ThreadBudget | None = None
+_busy_at_start: float | None = None  # CPUs other processes held when set_wait_policy looked
 
 
 @dataclass(frozen=True)
@@ -150,16 +159,21 @@ def _whole(text: str, name: str) -> int:
 
 
 def plan(threads: int | None = None, env: Mapping[str, str] = os.environ, *, root: Path = CGROUP_ROOT,
-         self_cgroup: Path = SELF_CGROUP) -> ThreadBudget:
+         self_cgroup: Path = SELF_CGROUP, busy: float | None = None) -> ThreadBudget:
     """The budget for this process: ``threads`` (``--threads``), else ``MEDTL_NUM_THREADS``,
-    else the user's ``OMP_NUM_THREADS``, else every usable CPU, for the intra-op pool."""
+    else the user's ``OMP_NUM_THREADS``, else the usable CPUs that were idle at start (``busy``:
+    CPUs other processes held then, as :func:`set_wait_policy` measured it; at least one), for
+    the intra-op pool."""
     cpus, why = usable_cpus(env, root=root, self_cgroup=self_cgroup)
+    busy = _busy_at_start if busy is None else busy
     if threads is not None:
         intra, source = _whole(str(threads), "--threads"), "--threads"
     elif env.get(ENV_THREADS):
         intra, source = _whole(env[ENV_THREADS], ENV_THREADS), ENV_THREADS
     elif env.get("OMP_NUM_THREADS"):
         intra, source = _whole(env["OMP_NUM_THREADS"], "OMP_NUM_THREADS"), "OMP_NUM_THREADS"
+    elif busy is not None and round(busy) >= 1:
+        intra, source = max(1, cpus - round(busy)), f"usable CPUs idle at start ({busy:.1f} busy)"
     else:
         intra, source = cpus, "usable CPUs"
     return ThreadBudget(cpus=cpus, cpus_from=why, intra_op=intra, inter_op=1, source=source, wait=wait_setting(env))
@@ -175,16 +189,52 @@ def wait_setting(env: Mapping[str, str] = os.environ) -> str:
     return "OpenMP default" + (" (torch was imported before medtl could set it)" if "torch" in sys.modules else "")
 
 
-def set_wait_policy(env: MutableMapping[str, str] = os.environ) -> str:
-    """Make idle OpenMP threads sleep soon instead of spinning (:data:`WAIT_POLICY`), unless the
-    user set any wait variable.  Only before torch is imported: afterwards the runtime has read
-    its settings, and nothing is changed.  Returns the setting in effect."""
+def _cpu_times(stat: Path, cpus: set[int]) -> tuple[int, int]:
+    """Total and idle (idle + iowait) jiffies of ``cpus`` from a ``/proc/stat`` file."""
+    total = idle = 0
+    for line in stat.read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+            total, idle = total + sum(values), idle + values[3] + values[4]
+    return total, idle
+
+
+def busy_cpus(interval: float = 0.1, *, stat: Path = PROC_STAT, cpus: set[int] | None = None) -> float | None:
+    """How many of this process's CPUs (its affinity mask) were busy over ``interval`` seconds, by
+    ``/proc/stat``; None where that cannot be read.  Called before torch loads, this process
+    itself is idle, so what it sees is other processes' load."""
+    import time
+
+    try:
+        cpus = set(os.sched_getaffinity(0)) if cpus is None else cpus
+        total0, idle0 = _cpu_times(stat, cpus)
+        time.sleep(interval)
+        total1, idle1 = _cpu_times(stat, cpus)
+    except (OSError, ValueError, AttributeError):
+        return None
+    total = total1 - total0
+    return None if total <= 0 else len(cpus) * (1 - (idle1 - idle0) / total)
+
+
+def set_wait_policy(env: MutableMapping[str, str] = os.environ, *, busy: float | None = None) -> str:
+    """Make idle OpenMP threads sleep soon instead of spinning (:data:`WAIT_POLICY`) when other
+    processes keep this process's CPUs busy (``busy``: measured by :func:`busy_cpus` unless
+    given; unknown counts as busy), unless the user set any wait variable.  Only before torch is
+    imported: afterwards the runtime has read its settings, and nothing is changed.  Returns the
+    setting in effect."""
+    global _busy_at_start
     made = {k: env[k] for k in WAIT_VARIABLES if env.get(k)}
     if made:
         _wait.update(made, by="user")
     elif "torch" not in sys.modules:
-        env.update(WAIT_POLICY)
-        _wait.update(WAIT_POLICY, by="medtl")
+        busy = _busy_at_start = busy_cpus() if busy is None else busy
+        if busy is None or busy >= BUSY_AT_START:
+            env.update(WAIT_POLICY)
+            seen = "load unknown" if busy is None else f"{busy:.1f} CPUs busy at start"
+            _wait.update(WAIT_POLICY, by=f"medtl: {seen}")
+        else:
+            _wait.update({"OpenMP": "default"}, by=f"medtl: CPUs idle at start ({busy:.1f} busy)")
     return wait_setting(env)
 
 

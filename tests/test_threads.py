@@ -79,6 +79,7 @@ def test_who_chooses_the_thread_count(tmp_path, eight_cpus):
 
 
 def test_wait_policy_only_before_torch_and_never_over_the_users(monkeypatch):
+    monkeypatch.setattr(threads, "_busy_at_start", None)  # restored after the test, like _wait
     monkeypatch.setattr(threads, "_wait", {})
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert set_wait_policy(env) == "OMP_WAIT_POLICY=ACTIVE (user)" and env == {"OMP_WAIT_POLICY": "ACTIVE"}
@@ -91,8 +92,35 @@ def test_wait_policy_only_before_torch_and_never_over_the_users(monkeypatch):
     monkeypatch.setattr(threads, "_wait", {})
     monkeypatch.delitem(sys.modules, "torch")
     env = {}
-    setting = set_wait_policy(env)
-    assert env == threads.WAIT_POLICY and setting.endswith("(medtl)") and "GOMP_SPINCOUNT" in setting
+    setting = set_wait_policy(env, busy=1.0)  # a neighbour holds a CPU: spin briefly, then sleep
+    assert env == threads.WAIT_POLICY and setting.endswith("(medtl: 1.0 CPUs busy at start)") and "GOMP_SPINCOUNT=1000" in setting
+
+    monkeypatch.setattr(threads, "_wait", {})
+    env = {}
+    assert set_wait_policy(env, busy=0.2).endswith("(medtl: CPUs idle at start (0.2 busy))") and env == {}  # the default
+
+
+def test_the_default_thread_count_leaves_out_cpus_busy_at_start(tmp_path):
+    where = {"root": tmp_path, "self_cgroup": tmp_path / "none"}
+    env = {}
+    assert plan(None, env, busy=0.3, **where).intra_op == len(os.sched_getaffinity(0))
+    busy = plan(None, env, busy=1.0, **where)
+    assert busy.intra_op == max(1, len(os.sched_getaffinity(0)) - 1) and busy.source.startswith("usable CPUs idle at start")
+    assert plan(None, env, busy=64.0, **where).intra_op == 1
+    assert plan(2, env, busy=64.0, **where).intra_op == 2 and plan(None, {"MEDTL_NUM_THREADS": "2"}, busy=64.0, **where).intra_op == 2
+
+
+def test_busy_cpus_counts_only_this_process_cpus(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    lines = ["cpu  999 0 0 999 0 0 0 0 0 0", "cpu0 {} 0 0 {} 0 0 0 0 0 0", "cpu1 {} 0 0 {} 0 0 0 0 0 0", "cpu2 {} 0 0 {} 0 0 0 0 0 0",
+             "intr 12345"]
+    def write(times):
+        stat.write_text("\n".join([lines[0], *(line.format(*t) for line, t in zip(lines[1:4], times)), lines[4]]) + "\n")
+    write([(100, 900), (100, 900), (100, 900)])
+    # over the interval cpu0 was busy, cpu1 idle, cpu2 (not this process's) busy
+    monkeypatch.setattr("time.sleep", lambda seconds: write([(200, 900), (100, 1000), (200, 900)]))
+    assert threads.busy_cpus(stat=stat, cpus={0, 1}) == pytest.approx(1.0)
+    assert threads.busy_cpus(stat=tmp_path / "missing", cpus={0}) is None
 
 
 def _cli(args, **env):
@@ -111,7 +139,8 @@ def test_cli_applies_the_budget_before_torch_loads(tmp_path):
     counts, err = _cli(["evaluate", str(tmp_path / "none"), str(tmp_path / "none.csv"), "--out", str(tmp_path / "e"),
                         "--threads", "1"], MEDTL_NUM_THREADS="2")
     assert counts == ["1", "1"]
-    assert "1 intra-op thread(s) (--threads), 1 inter-op" in err and "GOMP_SPINCOUNT=1000" in err and "(medtl)" in err
+    assert "1 intra-op thread(s) (--threads), 1 inter-op" in err and "(medtl: " in err  # short spin or default, by the load
+    assert ("GOMP_SPINCOUNT=1000" in err) != ("OpenMP=default" in err)
     counts, err = _cli(["evaluate", str(tmp_path / "none"), str(tmp_path / "none.csv"), "--out", str(tmp_path / "e")],
                        MEDTL_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     assert counts == ["1", "1"] and "(MEDTL_NUM_THREADS)" in err and "OpenMP wait: OMP_WAIT_POLICY=PASSIVE (user)" in err

@@ -44,11 +44,11 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    set_wait_policy()  # before any command imports torch, whose OpenMP runtime reads it once
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # the parsers import no torch
     configure_logging(args.verbose)
     try:
         if args.command in MODEL_COMMANDS:
+            set_wait_policy()  # before the command imports torch, whose OpenMP runtime reads it once
             apply_budget(args.threads)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
