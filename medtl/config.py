@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medtl.config_errors import backbone_line, validation_lines, yaml_problem
-from medtl.registry import CALIBRATORS, DOMAIN_LOSSES, NORMALIZATION, SCORES, STRATEGIES, Registry, RegistryError
+from medtl.registry import CALIBRATORS, DOMAIN_LOSSES, NORMALIZATION, SCORES, STRATEGIES, TASKS, Registry, RegistryError
 
 
 def _registered(value: str, registry: Registry, *extra: str, kind: str | None = None) -> str:
@@ -29,6 +29,48 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class HeadConfig(_Section):
+    """One head of a multi-task model: its own task type, classes and weight in the summed loss."""
+
+    name: str = Field(description="The head's name; for a binary or multiclass head also its manifest column (blank = unknown).")
+    type: Literal["binary", "multiclass", "multilabel"] = "binary"
+    classes: list[str] = Field(min_length=1,
+                               description="Class order (binary, multiclass), or the findings, each a 0/1 column (multilabel).")
+    positive_class: str | None = Field(None, description="Binary heads: the positive class; default the last.")
+    weight: float = Field(1.0, gt=0, description="The head's weight in the summed training loss.")
+
+
+class TaskConfig(_Section):
+    """What a scan is labelled with (docs/training.md, Tasks)."""
+
+    type: str = Field(
+        "auto", description="auto (binary for two classes, multiclass otherwise: one 'label' column), or a name registered "
+        "in medtl.tasks: binary, multiclass, multilabel (one 0/1 column per finding named in data.classes, blank = unknown), "
+        "multitask (one backbone, the named task.heads)."
+    )
+    heads: list[HeadConfig] | None = Field(None, description="task.type=multitask: the heads, each with its own column(s) and loss weight.")
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, value: str) -> str:
+        return _registered(value, TASKS, "auto")
+
+    @model_validator(mode="after")
+    def _heads(self) -> TaskConfig:
+        if (self.type == "multitask") != bool(self.heads):
+            raise ValueError("task.heads (a list of {name, type, classes[, positive_class, weight]}) goes with task.type=multitask, "
+                             "and task.type=multitask needs it")
+        names = [h.name for h in self.heads or ()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task.heads: head names must differ, got {names}")
+        for head in self.heads or ():
+            if head.type != "multilabel" and len(head.classes) < 2:
+                raise ValueError(f"task.heads '{head.name}': a {head.type} head needs at least two classes")
+            if head.positive_class is not None and head.positive_class not in head.classes:
+                raise ValueError(f"task.heads '{head.name}': positive_class '{head.positive_class}' is not one of {head.classes}")
+        return self
+
+
 class DataConfig(_Section):
     manifest: Path | None = Field(None, description="Manifest CSV (image, label[, site, patient_id, split]).")
     target_manifest: Path | None = Field(
@@ -40,7 +82,9 @@ class DataConfig(_Section):
         "auto", description="Intensity preset; 'auto' picks by DICOM Modality, else cxr for 2D and mr for 3D."
     )
     ct_window: tuple[float, float] = Field((40.0, 400.0), description="CT window (centre, width) in HU.")
-    classes: list[str] | None = Field(None, description="Class order; default: sorted label names.")
+    classes: list[str] | None = Field(
+        None, description="Class order; default: sorted label names.  multilabel: the findings, each a 0/1 manifest column."
+    )
     positive_class: str | None = Field(None, description="Binary positive class; default: the last class.")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Validation share when the manifest has no split.")
     target_spacing: list[float] | None = Field(
@@ -72,6 +116,12 @@ class ModelConfig(_Section):
     )
     in_channels: int = Field(1, ge=1)
     allow_mismatch: bool = Field(False, description="Load weights even if some tensors do not match.")
+    inflation: Literal["mean", "centre"] = Field(
+        "mean",
+        description="2D weights into a 3D backbone: mean (each kernel repeated along depth and divided by it) or "
+        "centre (the kernel on the centre slice, zeros elsewhere: every slice starts with the exact 2D response; "
+        "for networks that halve depth many times, e.g. EfficientNet-Lite at 28^3, docs/backbones.md).",
+    )
 
 
 class AdaptConfig(_Section):
@@ -189,6 +239,7 @@ class Config(_Section):
         "auto", description="auto: training values left unset are chosen from a fingerprint of the data set by fixed "
         "rules (docs/recipe.md; a value you set always wins); none: the schema defaults."
     )
+    task: TaskConfig = TaskConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     adapt: AdaptConfig = AdaptConfig()
@@ -196,6 +247,13 @@ class Config(_Section):
     calibration: CalibrationConfig = CalibrationConfig()
     operating_point: OperatingPointConfig = OperatingPointConfig()
     report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="after")
+    def _multitask_alone(self) -> Config:
+        if self.task.type == "multitask" and (self.adapt.domain != "none" or self.adapt.selection != "source_val"):
+            raise ValueError("task.type=multitask trains without domain adaptation (adapt.domain=none, adapt.selection=source_val): "
+                             "the domain losses and label-free scores read one softmax head")
+        return self
 
 
 class ConfigError(ValueError):

@@ -2,7 +2,7 @@
 
 Each stage package fills its registry with a decorator where the thing is defined
 (``@register_calibrator``, ``@register_strategy``, ``@register_domain_loss``,
-``@register_normalization``, ``@register_score``, ``register_backbone(..., builder=)``), so adding
+``@register_normalization``, ``@register_score``, ``@register_task``, ``register_backbone(..., builder=)``), so adding
 a method is one file.  A registry imports its package on first lookup: :mod:`medtl.config`
 validates names against the registries without importing any stage (nor torch) itself.
 """
@@ -117,4 +117,5 @@ STRATEGIES: Registry = Registry("fine-tuning strategy", "medtl.adapt")
 DOMAIN_LOSSES: Registry = Registry("domain loss", "medtl.adapt")
 NORMALIZATION: Registry = Registry("normalisation adaptation", "medtl.adapt")
 SCORES: Registry = Registry("selection score", "medtl.adapt")
+TASKS: Registry = Registry("task type", "medtl.tasks")
 BACKBONES = BackboneRegistry("backbone", "medtl.backbones")

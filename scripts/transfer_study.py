@@ -49,8 +49,8 @@ from medtl.backbones import rank_backbones  # noqa: E402
 from medtl.config import load_config  # noqa: E402
 from medtl.infer import iter_logits  # noqa: E402
 from medtl.metrics import delong_test  # noqa: E402
-from medtl.pipeline import train  # noqa: E402
-from medtl.transforms import deterministic_transforms, make_preprocessing  # noqa: E402
+from medtl.pipeline import UNNORMALISED, preprocessing, train  # noqa: E402
+from medtl.transforms import deterministic_transforms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -65,12 +65,14 @@ LITE = "efficientnet_lite0"
 
 @dataclass(frozen=True)
 class Method:
-    """A recipe: its config, its backbone and where its initial weights come from (none, mednist or imagenet)."""
+    """A recipe: its config, its backbone, where its initial weights come from (none, mednist or
+    imagenet) and how 2D weights become 3D (``model.inflation``)."""
 
     name: str
     config: str
     source: str = "none"
     backbone: str = "resnet18"
+    inflation: str = "mean"
 
 
 @dataclass
@@ -157,7 +159,7 @@ def run_cell(task: Task, method: Method, fraction: float, seed: int, manifest: P
     out = run_dir(args.work, task, method, fraction, seed)
     epochs = args.epochs or epochs_for(n_train, task.batch_size, base=load_config(CONFIGS / method.config).train.epochs)
     overrides = [f"data.manifest={manifest}", f"train.seed={seed}", f"train.epochs={epochs}", f"model.backbone={method.backbone}"]
-    overrides.append(f"model.weights={weights[method.source]}")
+    overrides += [f"model.weights={weights[method.source]}", f"model.inflation={method.inflation}"]
     if not task.volumes:
         overrides.append(f"data.image_size=[{task.image_size},{task.image_size}]")
     result = run_training(method.config, overrides, out)
@@ -192,11 +194,9 @@ def run_cell(task: Task, method: Method, fraction: float, seed: int, manifest: P
 
 def logme_scores(task: Task, fraction: float, seed: int, manifest: Path, weights: dict) -> list[dict]:
     """LogME of each candidate backbone's frozen features on this subset's training images, before any fine-tuning."""
-    candidates = list(dict.fromkeys((m.backbone, m.source) for m in task.methods))
+    candidates = list(dict.fromkeys((m.backbone, m.source, m.inflation) for m in task.methods))
     config = load_config(CONFIGS / task.methods[0].config, [f"data.manifest={manifest}"])
-    pre = make_preprocessing(spatial_dims=3 if task.volumes else 2, image_size=task.image_size, channels=1,
-                             intensity=config.data.intensity, ct_window=config.data.ct_window,
-                             normalization={"kind": "mean_std", "mean": 0.0, "std": 1.0})
+    pre = preprocessing(config, image_size=task.image_size, normalization=UNNORMALISED)  # rank_backbones normalises
     load = Compose(deterministic_transforms(pre))
     rows = [r for r in data.read_rows(manifest) if r["split"] == "train"]
     if len({r["label"] for r in rows}) < 2:
@@ -204,9 +204,12 @@ def logme_scores(task: Task, fraction: float, seed: int, manifest: Path, weights
         return []
     images = [torch.as_tensor(load({"image": str(manifest.parent / r["image"])})["image"]).float() for r in rows]
     labels = np.array([task.classes.index(r["label"]) for r in rows])
-    scores = rank_backbones([(b, weights[s]) for b, s in candidates], (torch.stack(images), labels),
-                            spatial_dims=3 if task.volumes else 2, allow_mismatch=True)
-    source_of = {(b, weights[s]): s for b, s in candidates}
+    scores = sorted((score for inflation in dict.fromkeys(i for _, _, i in candidates)
+                     for score in rank_backbones([(b, weights[s]) for b, s, i in candidates if i == inflation],
+                                                 (torch.stack(images), labels), spatial_dims=3 if task.volumes else 2,
+                                                 allow_mismatch=True, inflation=inflation)),
+                    key=lambda score: -score.logme)  # each candidate inflated as its recipe trains it
+    source_of = {(b, weights[s]): s for b, s, _ in candidates}
     return [{"task": task.name, "fraction": fraction, "seed": seed, "backbone": sc.backbone, "weights": source_of[sc.backbone, sc.weights],
              "logme": round(sc.logme, 5), "rank": rank} for rank, sc in enumerate(scores, 1)]
 
@@ -238,7 +241,11 @@ def build_tasks(args: argparse.Namespace) -> list[Task]:
             tasks.append(Task("pneumonia" if size == 28 else f"pneumonia_{size}px", "pneumoniamnist/pneumoniamnist_trainval_28.npz",
                               data.PNEUMONIA_CLASSES, chosen(pneumonia_methods()), fractions, seeds, image_size=size))
     if "adrenal3d" in args.tasks:
-        methods = chosen([Method("scratch", "adrenal3d_scratch.yaml"), Method("mednist_full", "adrenal3d_finetune.yaml", "mednist")])
+        # The 3D Lite from ImageNet inflates with "centre": with "mean" its features at 28^3 are all
+        # zero before any training (docs/backbones.md, EfficientNet-Lite in 3D).
+        methods = chosen([Method("scratch", "adrenal3d_scratch.yaml"), Method("mednist_full", "adrenal3d_finetune.yaml", "mednist"),
+                          Method("lite_scratch", "adrenal3d_scratch.yaml", backbone=LITE),
+                          Method("lite_imagenet_full", "adrenal3d_finetune.yaml", "imagenet", LITE, inflation="centre")])
         tasks.append(Task("adrenal3d", "adrenalmnist3d/adrenalmnist3d_trainval_28.npz", data.ADRENAL_CLASSES, methods,
                           args.adrenal_fractions or fractions, args.adrenal_seeds or seeds[:1], volumes=True, batch_size=16))
     return tasks

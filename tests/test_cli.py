@@ -17,3 +17,16 @@ def test_predict_formats_match_the_result_table():
     from medtl.infer import FORMATS
 
     assert OUTPUT_FORMATS == FORMATS
+
+
+def test_rank_scores_the_training_split_that_train_uses(tmp_path, capsys):
+    """``medtl rank`` reads the data as ``medtl train`` does (same splits and classes): its LogME
+    runs on exactly the rows of the training split."""
+    from helpers import write_small_split
+    from medtl.cli import main
+
+    manifest = write_small_split(tmp_path, patients_per_site=12, n_train=14, n_val=6)
+    (tmp_path / "c.yaml").write_text(f"data:\n  manifest: {manifest}\n  image_size: [32, 32]\nmodel:\n  weights: none\n")
+    assert main(["rank", str(tmp_path / "c.yaml"), "--backbones", "resnet18", "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "LogME on 14 training scans (2 classes)" in out and "1. resnet18@none: LogME" in out

@@ -1,6 +1,7 @@
 """Batch inference: resume after a kill, bad files, torchrun sharding, agreement with evaluate,
 test-time augmentation, Grad-CAM overlays and the CPU fallbacks of the speed options."""
 
+import copy
 import csv
 import os
 import subprocess
@@ -13,7 +14,8 @@ import torch
 
 from helpers import write_tiny_bundle
 from medtl import pipeline
-from medtl.bundle import load
+from medtl.backbones import Ensemble
+from medtl.bundle import load, save
 from medtl.bundle.runtime import CompiledOrEager, amp_dtype
 from medtl.infer import auto_batch_size, predict_scans, read_rows
 from medtl.infer.tta import views
@@ -167,6 +169,47 @@ def test_tta_adds_spread_and_jsonl_output(bundle, scans, tmp_path):
     assert [bool(r["uncertain"]) for r in rows] == flags
     plain = read_rows(Path(predict_scans(load(bundle), scans, tmp_path / "plain.csv", num_workers=0, progress=False).out), "csv")
     assert "tta_std" not in plain[0]
+
+
+def _ensemble_bundle(single: Path, folder: Path, biases: list[float]) -> Path:
+    """An ensemble bundle of copies of ``single``'s model, member k's head tilted by ``biases[k]``
+    towards the positive class; calibrator, threshold and preprocessing as in ``single``."""
+    source = load(single)
+    members = []
+    for bias in biases:
+        member = copy.deepcopy(source.model)
+        with torch.no_grad():
+            member.head.bias += torch.tensor([-bias, bias]) / 2
+        members.append(member)
+    meta = source.meta
+    return save(folder, Ensemble(members), model_spec={**meta["model"], "members": len(biases), "combine": "log_prob_mean"},
+                classes=meta["classes"], positive_index=1, preprocessing=meta["preprocessing"], calibrator=source.calibrator,
+                operating_point=source.operating_point, config_yaml=(single / "config.yaml").read_text())
+
+
+def test_ensemble_members_vote_on_uncertainty(bundle, scans, tmp_path):
+    def predict(path: Path, name: str, **kwargs) -> list[dict]:
+        out = predict_scans(load(path), scans, tmp_path / f"{name}.jsonl", fmt="jsonl", num_workers=0, progress=False, **kwargs)
+        return read_rows(out.out, "jsonl")
+
+    single = predict(bundle, "single")
+    assert "member_std" not in single[0]
+
+    # Identical members: the ensemble is the single model, and its members never disagree.
+    rows = predict(_ensemble_bundle(bundle, tmp_path / "same", [0.0, 0.0, 0.0]), "same")
+    assert list(rows[0])[:6] == ["image", "prob_normal", "prob_opacity", "pred", "uncertain", "member_std"]
+    assert [r["member_std"] for r in rows] == [0.0] * N_SCANS
+    assert [r["prob_opacity"] for r in rows] == pytest.approx([r["prob_opacity"] for r in single], abs=1e-5)
+    assert [(r["pred"], r["uncertain"]) for r in rows] == [(r["pred"], r["uncertain"]) for r in single]
+
+    # Members pulled far to either side: every decision is split, so every scan is uncertain,
+    # and the pooled probability lies between theirs.
+    split = _ensemble_bundle(bundle, tmp_path / "split", [-20.0, 20.0])
+    rows = predict(split, "split")
+    assert [r["uncertain"] for r in rows] == [1] * N_SCANS
+    assert min(r["member_std"] for r in rows) > 0.2  # the bundle's temperature (fitted on noise) flattens them
+    assert all(0.0 < r["prob_opacity"] < 1.0 for r in rows)
+    assert "member_std" not in predict(split, "tta", tta=True)[0]  # with --tta the views' spread decides
 
 
 def test_tta_views_shift_content():

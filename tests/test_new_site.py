@@ -14,7 +14,15 @@ from scipy.special import expit
 from helpers import write_small_split
 from medtl.bundle import FeatureReference, bundle_hash, em_prevalence, load
 from medtl.bundle.reference import REFERENCE_FILE, Reservoir
-from medtl.calibrate import InterceptUpdate, LogisticRecalibration, PlattScaling, TemperatureScaling, calibrator_from_dict
+from medtl.calibrate import (
+    LOCAL_UPDATES,
+    InterceptUpdate,
+    LogisticRecalibration,
+    PlattScaling,
+    TemperatureScaling,
+    calibrator_from_dict,
+    register_local_update,
+)
 from medtl.cli import main
 from medtl.io.synthetic import chest_phantom, write_dicom
 
@@ -268,6 +276,28 @@ def test_recalibrate_refuses_an_existing_output_and_a_bad_rule(site, capsys):
                  "--operating-point", "sensitivity=2"]) == 2
     assert "operating point" in capsys.readouterr().err and not (site / "x").exists()
 
+
+def test_method_names_come_from_the_registries(site, capsys):
+    """recalibrate and adapt take their method names from the registries: an unknown one is one line
+    with the closest name, refused before any scan is read; a local update registered here is accepted."""
+    bundle, local = site / "run" / "bundle", site / "local.csv"
+    assert main(["recalibrate", str(bundle), str(local), "--out", str(site / "y"), "--method", "intercpt"]) == 2
+    line = capsys.readouterr().err.splitlines()[0]
+    assert line.startswith("error: unknown recalibration method 'intercpt'; did you mean 'intercept'?")
+    assert "auto, intercept, logistic" in line and "platt" in line
+    assert main(["adapt", str(bundle), str(local), "--out", str(site / "y"), "--method", "adabm"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown normalisation adaptation 'adabm'; did you mean 'adabn'?")
+    assert not (site / "y").exists()
+
+    @register_local_update
+    class HalfIntercept(InterceptUpdate):
+        method = "half_intercept"
+
+    try:
+        assert main(["recalibrate", str(bundle), str(local), "--out", str(site / "y"), "--method", "half_intercept"]) == 0
+        assert json.loads((site / "y" / "bundle.json").read_text())["calibration"]["method"] == "half_intercept"
+    finally:
+        LOCAL_UPDATES.unregister("half_intercept")
 
 def _inverted_folder(root: Path, n: int) -> Path:
     """Synthetic chest radiographs written with inverted intensities: a different site pipeline."""

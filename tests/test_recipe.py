@@ -114,3 +114,12 @@ def test_operating_point_rule_follows_the_class_balance():
     balanced, _ = resolve_recipe(load_config(), _fp(per_class={"a": 300, "b": 200}))
     rare, _ = resolve_recipe(load_config(), _fp(per_class={"a": 450, "b": 50}))
     assert balanced.operating_point.method == "most_probable" and rare.operating_point.method == "youden"
+
+
+@pytest.mark.parametrize("task", [["task.type=multilabel", "data.classes=[x, y]"],
+                                  ["task.type=multitask", "task.heads=[{name: x, classes: [a, b]}, {name: y, classes: [c, d, e]}]"]])
+def test_several_outputs_keep_each_outputs_default_calibrator_and_youden(task):
+    """The fingerprint's strata (joined findings) are not classes: each output is calibrated and thresholded on its own."""
+    resolved, choices = resolve_recipe(load_config(None, task), _fp(per_class={"x|c": 200, "y|d": 200, "?|e": 100}))
+    assert resolved.calibration.method == "auto" and resolved.operating_point.method == "youden"
+    assert "each output's own default" in {c.key: c for c in choices}["calibration.method"].reason

@@ -298,11 +298,13 @@ def test_report_info_is_built_once_and_names_the_adaptation(tmp_path):
     from helpers import write_tiny_bundle
     from medtl.bundle import read_meta
     from medtl.config import Config
-    from medtl.report import run_info
+    from medtl.report import RunInfo
 
     config = Config.model_validate({"adapt": {"domain": "adabn"}, "train": {"seed": 5}})
     training = {"best_epoch": 3, "epochs_run": 5, "adaptation": {"strategy": "full", "domain": "adabn", "target_scans": 12}}
     meta = read_meta(write_tiny_bundle(tmp_path / "bundle", config=config, training=training))
-    info = run_info(config, meta, title="t", evaluated_on="x", recalibration="platt")
+    run = RunInfo.of(config, meta)
+    assert (run.classes, run.positive_index, run.calibration) == (meta["classes"], meta["positive_index"], meta["calibration"]["method"])
+    info = run.report(title="t", evaluated_on="x", recalibration="platt")
     assert info["transfer_method"] == "full + adabn (12 unlabelled target scans)"
     assert info["training"]["best_epoch"] == 3 and info["seed"] == 5 and info["backbone"] == "resnet18"

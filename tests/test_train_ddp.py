@@ -67,16 +67,41 @@ def test_two_gloo_processes_match_one_and_write_one_bundle(small_run):
 
 
 @pytest.mark.slow
-def test_cross_validation_ensemble_under_torchrun_matches_one_process(small_run):
-    """Members train one after another, each data-parallel: the same member logs and one bundle."""
+def test_one_member_per_rank_under_torchrun_matches_one_process(small_run):
+    """As many ranks as folds: each rank trains one member on its own, with the batches, seeds and
+    numbers of a one-process run, and rank 0 writes every member and the one bundle."""
     single, ddp = small_run / "folds_single", small_run / "folds_ddp"
     _train(small_run, "folds_single", 1, "--folds", "2", "--set", "train.epochs=1")
     assert _train(small_run, "folds_ddp", 2, "--folds", "2", "--set", "train.epochs=1").count("bundle: ") == 1
     for member in ("fold0", "fold1"):
         for a, b in zip(_log(single / "members" / member), _log(ddp / "members" / member), strict=True):
-            assert float(b["val_loss"]) == pytest.approx(float(a["val_loss"]), rel=1e-4)
-    assert json.loads((ddp / "bundle" / "bundle.json").read_text())["model"]["members"] == 2
+            assert [float(b[k]) for k in ("train_loss", "val_loss", "val_auroc")] == \
+                pytest.approx([float(a[k]) for k in ("train_loss", "val_loss", "val_auroc")], rel=1e-6)
+        assert (ddp / "members" / member / "model.safetensors").is_file()
+    bundles = [json.loads((run / "bundle" / "bundle.json").read_text()) for run in (single, ddp)]
+    assert bundles[1]["model"]["members"] == 2
+    assert bundles[1]["calibration"] == bundles[0]["calibration"]  # fitted on the same out-of-fold scores
     assert [p.parent.name for p in ddp.rglob("model.safetensors")].count("bundle") == 1
+
+    # Resuming with one member unfinished: rank 0 reads fold0 back, fold1 trains again, same bundle.
+    kept = (ddp / "members" / "fold0" / "model.safetensors").stat().st_mtime_ns
+    (ddp / "members" / "fold1" / "member.json").unlink()
+    _train(small_run, "folds_ddp", 2, "--folds", "2", "--set", "train.epochs=1", "--resume", "folds_ddp")
+    assert (ddp / "members" / "fold0" / "model.safetensors").stat().st_mtime_ns == kept
+    assert (ddp / "members" / "fold1" / "member.json").is_file()
+    assert json.loads((ddp / "bundle" / "bundle.json").read_text())["calibration"] == bundles[0]["calibration"]
+
+
+@pytest.mark.slow
+def test_more_members_than_ranks_train_one_after_another_data_parallel(small_run):
+    """Three folds on two ranks: members train in turn, each data-parallel: the same member logs."""
+    single, ddp = small_run / "folds3_single", small_run / "folds3_ddp"
+    _train(small_run, "folds3_single", 1, "--folds", "3", "--set", "train.epochs=1")
+    assert _train(small_run, "folds3_ddp", 2, "--folds", "3", "--set", "train.epochs=1").count("bundle: ") == 1
+    for member in ("fold0", "fold1", "fold2"):
+        for a, b in zip(_log(single / "members" / member), _log(ddp / "members" / member), strict=True):
+            assert float(b["val_loss"]) == pytest.approx(float(a["val_loss"]), rel=1e-4)
+    assert json.loads((ddp / "bundle" / "bundle.json").read_text())["model"]["members"] == 3
 
 
 def test_gather_without_process_group_cuts_padding():

@@ -55,13 +55,30 @@ def _without_timing(path):
     return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in csv.DictReader(open(path))]
 
 
+def _spy_on_states(monkeypatch) -> dict:
+    """The model and optimizer state as each checkpoint is taken (the last, written when training
+    has finished, keeps only the chosen weights, so the spy sees what the file no longer holds)."""
+    seen: dict = {}
+    real_state = trainer_module.Trainer._state
+
+    def state(self, progress):
+        seen["model"] = {k: v.clone() for k, v in self.model.state_dict().items()}
+        seen["optimizer"] = copy.deepcopy(self.optimizer.state_dict()["state"])
+        return real_state(self, progress)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_state", state)
+    return seen
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_interrupted_then_resumed_run_is_bit_identical(small_data, monkeypatch, one_thread, workers):
     """3 epochs straight vs killed after epoch 2 and resumed, random augmentation on."""
     config = [str(small_data / "run.yaml"), "--set", f"data.num_workers={workers}", "--threads", "1"]
     straight, resumed = small_data / f"straight{workers}", small_data / f"resumed{workers}"
+    last_a = _spy_on_states(monkeypatch)
     assert main(["train", *config, "--out", str(straight)]) == 0
+    monkeypatch.undo()
 
     real_save = trainer_module.save_checkpoint
 
@@ -75,18 +92,33 @@ def test_interrupted_then_resumed_run_is_bit_identical(small_data, monkeypatch, 
         main(["train", *config, "--out", str(resumed)])
     monkeypatch.undo()
     assert not (resumed / "bundle").exists() and len(_without_timing(resumed / "train_log.csv")) == 2
+    last_b = _spy_on_states(monkeypatch)
     assert main(["train", *config, "--resume", str(resumed)]) == 0
 
     final_a, final_b = load_file(straight / "bundle" / "model.safetensors"), load_file(resumed / "bundle" / "model.safetensors")
     assert final_a.keys() == final_b.keys()
     for key in final_a:
         assert torch.equal(final_a[key], final_b[key]), key
-    last_a, last_b = ckpt.load_checkpoint(straight / "checkpoint.pt"), ckpt.load_checkpoint(resumed / "checkpoint.pt")
     for key in last_a["model"]:  # the last epoch's weights and BatchNorm statistics, not only the best
         assert torch.equal(last_a["model"][key], last_b["model"][key]), key
-    for a, b in zip(last_a["optimizer"]["state"].values(), last_b["optimizer"]["state"].values(), strict=True):
+    for a, b in zip(last_a["optimizer"].values(), last_b["optimizer"].values(), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert _without_timing(straight / "train_log.csv") == _without_timing(resumed / "train_log.csv")
+
+
+def test_finished_run_keeps_a_slim_checkpoint_that_resumes_without_training(tmp_path):
+    """Once training ends the checkpoint keeps the chosen weights and the result, not the optimizer's
+    moments: a resumed finished run trains nothing, and asking it for more epochs says why it cannot."""
+    straight = _fit_dann(tmp_path, 2)
+    state = ckpt.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["finished"] and not {"optimizer", "best_state", "domain"} & state.keys()
+    for key, value in straight.model.state_dict().items():  # the restored best epoch
+        assert torch.equal(state["model"][key], value), key
+    again = _fit_dann(tmp_path, 2, resume=True)
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="training finished after epoch 2 .* cannot go on to epoch 3"):
+        _fit_dann(tmp_path, 3, resume=True)
 
 
 def test_resume_refuses_another_config_or_a_missing_checkpoint(tmp_path, small_data):

@@ -42,8 +42,11 @@ def test_quick_study_end_to_end(tmp_path):
         ("pneumonia", "scratch"), ("pneumonia", "mednist_linear_probe"), ("pneumonia", "mednist_full"),
         ("pneumonia", "mednist_lp_ft"), ("adrenal3d", "scratch"), ("adrenal3d", "mednist_full"),
         ("pneumonia", "lite_scratch"), ("pneumonia", "lite_imagenet_full"),
+        ("adrenal3d", "lite_scratch"), ("adrenal3d", "lite_imagenet_full"),
     }
-    lite = next(r for r in rows if r["method"] == "lite_imagenet_full")
+    lite3d = (tmp_path / "runs" / "adrenal3d" / "lite_imagenet_full" / "frac1_seed0" / "config.yaml").read_text()
+    assert "inflation: centre" in lite3d and "backbone: efficientnet_lite0" in lite3d
+    lite = next(r for r in rows if r["method"] == "lite_imagenet_full" and r["task"] == "pneumonia")
     assert (lite["backbone"], lite["weights"]) == ("efficientnet_lite0", "imagenet")
     for row in rows:
         assert 0 <= float(row["auroc_lo"]) <= float(row["auroc"]) <= float(row["auroc_hi"]) <= 1

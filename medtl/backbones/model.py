@@ -111,8 +111,8 @@ def pool_members(member_logits: torch.Tensor, combine: str = "log_prob_mean") ->
 @torch.inference_mode()
 def extract_features(model: nn.Module, batches: Iterable, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray | None]:
     """Pooled features ``(N, feature_dim)`` (float32, by ``model.forward_features`` in eval mode;
-    the model's mode is restored after) of every batch, and the batches' labels (None when they
-    have none).  A batch is a dict with ``image`` (and ``label``) or an ``(images, labels)`` pair."""
+    the model's mode is restored after) of every batch, and the batches' labels (``(N,)``, or
+    ``(N, L)`` multi-label; None when they have none).  A batch is a dict with ``image`` (and ``label``) or an ``(images, labels)`` pair."""
     was_training = model.training
     model.eval()
     features, labels = [], []
@@ -121,7 +121,8 @@ def extract_features(model: nn.Module, batches: Iterable, device: torch.device |
             images, target = (batch["image"], batch.get("label")) if isinstance(batch, Mapping) else batch
             features.append(model.forward_features(images.to(device)).float().cpu())
             if target is not None:
-                labels.append(np.asarray(target).reshape(-1))
+                target = np.asarray(target).reshape(len(images), -1)  # (B,), or (B, L) for multi-label targets
+                labels.append(target[:, 0] if target.shape[1] == 1 else target)
     finally:
         model.train(was_training)
     if not features:

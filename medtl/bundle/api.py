@@ -1,6 +1,6 @@
 """The research-code side of a :class:`~medtl.bundle.Predictor`: scans given as one path or
 any iterable of paths, in-memory arrays run through the bundle's own preprocessing, and class
-names at the operating point.
+names (or, multi-label, the findings present) at the operating point.
 
 ``Predictor.logits`` is the entry point for batches that are already preprocessed; it refuses a
 batch of the wrong shape or far outside the value range the preprocessing produces, so a raw
@@ -56,10 +56,10 @@ def check_preprocessed(images: torch.Tensor, preprocessing: Mapping[str, Any]) -
 
 class ScanAPI:
     """Convenience methods of :class:`~medtl.bundle.Predictor` built on its ``transforms``,
-    ``logits``, ``calibrate``, ``decide`` and ``preprocessing``."""
+    ``logits``, ``calibrate``, ``decide``, ``task`` and ``preprocessing``."""
 
     def predict_proba(self, scans: ScanPaths, *, batch_size: int = 16) -> np.ndarray:
-        """Calibrated probabilities ``(N, classes)`` for one scan path or many (errors raise)."""
+        """Calibrated probabilities ``(N, classes)`` (multi-label: ``(N, findings)``) for one scan path or many (errors raise)."""
         chain = self.transforms()
         paths = as_paths(scans)
         rows = []
@@ -68,9 +68,10 @@ class ScanAPI:
             rows.append(self.calibrate(self.logits(batch)))
         return np.concatenate(rows) if rows else np.empty((0, len(self.classes)))
 
-    def predict(self, scans: ScanPaths, *, batch_size: int = 16) -> list[str]:
-        """Class names at the bundle's operating point (argmax for multi-class bundles)."""
-        return [self.classes[int(i)] for i in self.decide(self.predict_proba(scans, batch_size=batch_size))]
+    def predict(self, scans: ScanPaths, *, batch_size: int = 16) -> list:
+        """Class names at the bundle's operating point (argmax for multi-class bundles); for
+        multi-label bundles, the list of findings present in each scan."""
+        return self.task.named(self.decide(self.predict_proba(scans, batch_size=batch_size)))
 
     def predict_array(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor],
                       spacing: Sequence[float] | None = None, *, modality: str | None = None) -> np.ndarray:

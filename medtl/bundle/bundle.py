@@ -3,7 +3,7 @@
     bundle/
       model.safetensors   weights of the whole classifier (``backbone.*``, ``head.*``; an ensemble's
                           ``members.<k>.backbone.*``, ``members.<k>.head.*``)
-      bundle.json         model spec, classes, preprocessing recipe, calibrator, operating point,
+      bundle.json         model spec, task, classes, preprocessing recipe, calibrator, operating point,
                           package versions, training summary
       config.yaml         the resolved run configuration
       reference.safetensors  training-feature reference for shift alarms (optional; reference.py)
@@ -30,8 +30,7 @@ from medtl.bundle.api import ScanAPI, check_preprocessed
 from medtl.bundle.reference import FeatureReference, read_reference
 from medtl.bundle.runtime import CompiledOrEager, amp_dtype, uses_channels_last
 from medtl.bundle_format import CONFIG_FILE, FORMAT, META_FILE, WEIGHTS_FILE, BundleError, read_meta
-from medtl.calibrate import calibrator_from_dict
-from medtl.metrics import OperatingPoint
+from medtl.tasks import Task, task_from_meta
 from medtl.train.trainer import resolve_device
 from medtl.transforms import build_transforms
 
@@ -58,24 +57,29 @@ def save(
     positive_index: int | None,
     preprocessing: Mapping[str, Any],
     calibrator,
-    operating_point: OperatingPoint | None,
+    operating_point: Any,
+    task: Task | None = None,
     config_yaml: str = "",
     training: Mapping[str, Any] | None = None,
     reference: FeatureReference | None = None,
 ) -> Path:
-    """Write a bundle folder (with ``reference.safetensors`` when ``reference`` is given); returns its path."""
+    """Write a bundle folder (with ``reference.safetensors`` when ``reference`` is given); returns its path.
+    ``operating_point``: the task's decision rule (:meth:`~medtl.tasks.Task.choose_decision`);
+    ``task`` default: binary with a ``positive_index``, else multi-class."""
     path = Path(path)
+    task = task if task is not None else task_from_meta({"classes": classes, "positive_index": positive_index})
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path / WEIGHTS_FILE))
     meta = {
         "format": FORMAT,
         "model": dict(model_spec),
+        "task": task.to_dict(),
         "classes": list(classes),
         "positive_index": positive_index,
         "preprocessing": dict(preprocessing),
         "calibration": calibrator.to_dict(),
-        "operating_point": operating_point.to_dict() if operating_point is not None else None,
+        "operating_point": task.decision_to_dict(operating_point),
         "versions": package_versions(),
         "training": dict(training or {}),
     }
@@ -99,12 +103,12 @@ class Predictor(ScanAPI):
         self.model = model.to(device).eval()
         self.meta = dict(meta)
         self.device = device
+        self.task = task_from_meta(meta)
         self.classes: list[str] = list(meta["classes"])
         self.positive_index: int | None = meta.get("positive_index")
         self.preprocessing: dict[str, Any] = dict(meta["preprocessing"])
-        self.calibrator = calibrator_from_dict(meta["calibration"])
-        op = meta.get("operating_point")
-        self.operating_point = OperatingPoint.from_dict(op) if op else None
+        self.calibrator = self.task.load_calibrator(meta["calibration"])
+        self.operating_point = self.task.load_decision(meta.get("operating_point"))
         self.channels_last = False
         self.amp_dtype: torch.dtype | None = None
         self._forward: torch.nn.Module = self.model
@@ -135,18 +139,33 @@ class Predictor(ScanAPI):
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             return self._forward(images).float().cpu().numpy()
 
+    @property
+    def n_members(self) -> int:
+        """How many models vote: an ensemble bundle's members, else 1."""
+        return len(self.model.members) if isinstance(self.model, Ensemble) else 1
+
+    @torch.inference_mode()
+    def member_logits(self, images: torch.Tensor) -> np.ndarray:
+        """Each member's raw logits ``(members, B, C)`` for a preprocessed batch; a single model
+        is one member.  :func:`~medtl.backbones.pool_members` pools them into :meth:`logits`."""
+        if not isinstance(self.model, Ensemble):
+            return self.logits(images)[None]
+        check_preprocessed(images, self.preprocessing)
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return self.model.member_logits(images).float().cpu().numpy()
+
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities ``(N, C)`` from logits."""
+        """Calibrated probabilities ``(N, C)`` from logits: per class, or per finding (multi-label)."""
         return self.calibrator.transform(np.asarray(logits, dtype=np.float64))
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
-        """Predicted class indices: the stored operating point on the positive-class probability
-        for binary models, the most probable class otherwise."""
-        probs = np.asarray(probs)
-        if self.operating_point is not None and self.positive_index is not None and probs.shape[1] == 2:
-            positive = probs[:, self.positive_index] >= self.operating_point.threshold
-            return np.where(positive, self.positive_index, 1 - self.positive_index)
-        return probs.argmax(axis=1)
+        """Decisions at the stored rule (:meth:`medtl.tasks.Task.decide`): class indices (the
+        operating point on the positive-class probability for binary models, argmax otherwise), or
+        0/1 per finding for multi-label models."""
+        return self.task.decide(probs, self.operating_point)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Predictor:

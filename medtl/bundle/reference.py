@@ -52,9 +52,12 @@ class FeatureReference:
     @classmethod
     def fit(cls, train: np.ndarray, train_labels: Sequence[int], val: np.ndarray, *, seed: int = 0) -> FeatureReference:
         """Class means and shrunk shared covariance from ``train`` features; validation
-        distances and the two-sample reference (at most :data:`SAMPLE_SIZE`) from ``val``."""
+        distances and the two-sample reference (at most :data:`SAMPLE_SIZE`) from ``val``.
+        Multi-label targets ``(N, L)``: each combination of findings (unknown as its own value) is a class."""
         train, val = np.asarray(train, dtype=np.float64), np.asarray(val, dtype=np.float64)
         labels = np.asarray(train_labels)
+        if labels.ndim == 2:
+            labels = np.unique(np.nan_to_num(labels, nan=-1.0), axis=0, return_inverse=True)[1].reshape(-1)
         if len(val) < 2 or len(train) < 2:
             raise ValueError("a feature reference needs at least 2 training and 2 validation scans")
         classes = np.unique(labels)

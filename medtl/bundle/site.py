@@ -36,11 +36,12 @@ from medtl import __version__
 from medtl.adapt import NORMALIZATION, adapt_normalization, has_batch_norm
 from medtl.bundle.bundle import META_FILE, WEIGHTS_FILE, Predictor, load
 from medtl.bundle.reference import scan_features
-from medtl.calibrate import Calibrator, InterceptUpdate, LogisticRecalibration, make_calibrator
+from medtl.calibrate import CALIBRATORS, LOCAL_UPDATES, Calibrator, make_calibrator, multiclass_methods, recalibration_methods
 from medtl.metrics import (
     Estimate, OperatingPoint, bootstrap_ci, brier_score, choose_operating_point, decision_metrics, expected_calibration_error,
     proportion_ci,
 )
+from medtl.tasks import SingleLabel
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,15 @@ def _fmt(d: dict | None) -> str:
 # ---- recalibrate ------------------------------------------------------------------------------------
 
 
+def _single_label(path: Path) -> Predictor:
+    """The bundle at ``path``; a site update refits softmax calibrators and one threshold, so the bundle must be single-label."""
+    predictor = load(path)
+    if not isinstance(predictor.task, SingleLabel):
+        raise ValueError(f"{path}: medtl recalibrate and medtl adapt take single-label bundles; this one is "
+                         f"{predictor.task.name} (retrain it with the new site's scans instead)")
+    return predictor
+
+
 def _check_local(path: Path, predictor: Predictor) -> tuple[list[str], list[str]]:
     """Images and labels of a labelled local manifest, every label a class of the bundle."""
     from medtl.io import read_manifest
@@ -185,14 +195,14 @@ def _choose_method(method: str, events: int, predictor: Predictor) -> str:
         if not binary or events >= 100:
             return predictor.meta["calibration"]["method"]
         return "intercept" if events < FEW_EVENTS else "logistic"
-    if method in ("intercept", "logistic") and not binary:
-        raise ValueError(f"'{method}' recalibration is for binary bundles; use temperature, vector, matrix or isotonic")
+    if not binary and (LOCAL_UPDATES.get(method) or CALIBRATORS[method]).binary_only:
+        raise ValueError(f"'{method}' recalibration is for binary bundles; use {' or '.join(multiclass_methods())}")
     return method
 
 
 def _fit(method: str, base: Calibrator, logits: np.ndarray, labels: np.ndarray) -> Calibrator:
-    calibrator = {"intercept": InterceptUpdate, "logistic": LogisticRecalibration}.get(method)
-    return (calibrator(base) if calibrator else make_calibrator(method)).fit(logits, labels)
+    update = LOCAL_UPDATES.get(method)
+    return (update(base) if update else make_calibrator(method)).fit(logits, labels)
 
 
 def _choose_threshold(rule: tuple[str, float | None] | None, threshold: float | None, labels: np.ndarray,
@@ -286,8 +296,9 @@ def recalibrate(
     """Refit a bundle's calibrator on a labelled local sample (``image,label`` CSV) and write the
     result as a new bundle at ``out``.
 
-    ``method``: ``auto`` (:data:`AUTO_RULE`), ``intercept``, ``logistic`` or any training
-    calibrator (refitted on the raw logits).  The operating point is re-chosen on the recalibrated
+    ``method``: ``auto`` (:data:`AUTO_RULE`), a local update of the bundle's calibrator
+    (:data:`~medtl.calibrate.LOCAL_UPDATES`: ``intercept``, ``logistic``) or any training calibrator
+    (:data:`~medtl.calibrate.CALIBRATORS`, refitted on the raw logits).  The operating point is re-chosen on the recalibrated
     local probabilities by the bundle's rule, or by ``operating_point`` (``youden``, ``most_probable``,
     ``sensitivity=0.95``, ``specificity=0.9``); ``keep_threshold`` keeps the bundle's threshold.
     ``normalization``: ``adabn`` re-estimates the BatchNorm statistics on the local scans (labels
@@ -301,9 +312,11 @@ def recalibrate(
         raise FileExistsError(f"{out} already exists; choose another output folder (nothing was written)")
     if keep_threshold and operating_point is not None:
         raise ValueError("choose either keep_threshold or an operating point, not both")
+    if method not in recalibration_methods():
+        raise ValueError(CALIBRATORS.unknown(method, recalibration_methods(), kind="recalibration method"))
     if normalization not in NORMALIZATION_CHOICES:
         raise ValueError(f"unknown normalization '{normalization}'; choose one of {', '.join(NORMALIZATION_CHOICES)}")
-    predictor = load(bundle)
+    predictor = _single_label(bundle)
     images, names = _check_local(local, predictor)
     reference = predictor.reference
     kept, logits, features, failed = _logits(predictor, images, batch_size=batch_size, num_workers=num_workers,
@@ -505,7 +518,7 @@ def adapt(
         raise ValueError(NORMALIZATION.unknown(method))
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose another output folder (nothing was written)")
-    predictor = load(bundle)
+    predictor = _single_label(bundle)
     paths, _ = gather_inputs(unlabelled)
     reference = predictor.reference
     kept, before_logits, before_features, failed = _logits(predictor, paths, batch_size=batch_size, num_workers=num_workers,

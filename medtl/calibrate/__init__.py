@@ -14,12 +14,17 @@ from typing import Any
 
 from sklearn.exceptions import NotFittedError
 
-from medtl.calibrate.base import Calibrator, register_calibrator, register_local_update
+from medtl.calibrate.base import Calibrator, multiclass_methods, register_calibrator, register_local_update
 from medtl.calibrate.binary import BetaCalibration, PlattScaling
 from medtl.calibrate.isotonic import IsotonicCalibration
 from medtl.calibrate.local import InterceptUpdate, LogisticRecalibration
 from medtl.calibrate.scaling import MatrixScaling, NoCalibration, TemperatureScaling, VectorScaling
 from medtl.registry import CALIBRATORS, LOCAL_UPDATES  # filled by the decorators of the modules above
+
+
+def recalibration_methods() -> list[str]:
+    """What ``medtl recalibrate --method`` accepts: ``auto``, the local updates, every calibrator."""
+    return ["auto", *LOCAL_UPDATES, *CALIBRATORS]
 
 
 def make_calibrator(method: str, n_classes: int | None = None) -> Calibrator:
@@ -60,6 +65,8 @@ __all__ = [
     "VectorScaling",
     "calibrator_from_dict",
     "make_calibrator",
+    "multiclass_methods",
     "register_calibrator",
+    "recalibration_methods",
     "register_local_update",
 ]

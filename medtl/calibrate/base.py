@@ -90,7 +90,7 @@ class Calibrator(ABC):
             if z.shape[1] != 2:
                 raise ValueError(
                     f"'{self.method}' calibration is for binary tasks only, got {z.shape[1]} classes; "
-                    "use temperature, vector, matrix or isotonic for multi-class"
+                    f"use {' or '.join(multiclass_methods())} for multi-class"
                 )
             if np.unique(y).size < 2:
                 raise ValueError(f"'{self.method}' calibration needs cases of both classes")
@@ -141,6 +141,11 @@ class Calibrator(ABC):
     @abstractmethod
     def _load(self, d: Mapping[str, Any], n_classes: int) -> None: ...
 
+
+
+def multiclass_methods() -> list[str]:
+    """The registered calibration methods that fit more than two classes (for messages)."""
+    return [name for name, cls in CALIBRATORS.items() if not cls.binary_only]
 
 
 def register_calibrator(cls: _C) -> _C:

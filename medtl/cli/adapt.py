@@ -1,11 +1,9 @@
-"""``medtl adapt BUNDLE UNLABELLED --method adabn|tent --out NEW_BUNDLE``: label-free adaptation of a bundle."""
+"""``medtl adapt BUNDLE UNLABELLED --method NAME --out NEW_BUNDLE``: label-free adaptation of a bundle."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-METHODS = ("adabn", "tent")  # the names in medtl.adapt.NORMALIZATION, spelled out so that --help does not import torch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", type=Path, help="Bundle folder to start from.")
     p.add_argument("unlabelled", type=Path, help="Folder of the site's scans, or a manifest CSV with an image column.")
     p.add_argument("--out", type=Path, required=True, help="Folder for the new bundle (must not exist).")
-    p.add_argument("--method", choices=METHODS, default="adabn", help="adabn (default) or tent.")
+    p.add_argument("--method", default="adabn", metavar="NAME",
+                   help="A normalisation adaptation registered in medtl.adapt.NORMALIZATION (default adabn); an "
+                   "unknown name is refused before any scan is read.")
     p.add_argument("--tent-lr", type=float, default=1e-4, help="TENT learning rate (default 1e-4).")
     p.add_argument("--tent-steps", type=int, default=1, help="TENT passes over the scans (default 1).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap and permutation tests (default 0).")

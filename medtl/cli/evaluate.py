@@ -46,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def headline(summary: dict) -> str:
-    """AUROC with its CI and, for binary bundles, sensitivity and specificity at the threshold."""
+    """AUROC with its CI and, for binary bundles, sensitivity and specificity at the threshold (each
+    head's, for a multi-task bundle)."""
+    if "heads" in summary:
+        return "; ".join(f"head {name}: {headline(head)}" for name, head in summary["heads"].items())
     cal = summary["calibrated"]
     auroc = cal["auroc"]
     if auroc.get("auc") is None:

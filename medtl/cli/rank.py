@@ -35,27 +35,20 @@ def run(args: argparse.Namespace) -> int:
 
     from medtl.backbones import parse_candidates, rank_backbones
     from medtl.config import load_config
-    from medtl.io import assign_splits, read_manifest
-    from medtl.train import labelled_items, resolve_classes, resolve_device
-    from medtl.transforms import deterministic_transforms, make_preprocessing
+    from medtl.pipeline import UNNORMALISED, prepare_data, preprocessing, read_records
+    from medtl.tasks import SingleLabel
+    from medtl.train import labelled_items, resolve_device
+    from medtl.transforms import deterministic_transforms
 
     config = load_config(args.config, args.overrides)
-    data = config.data
-    if data.manifest is None:
-        raise SystemExit("data.manifest is not set in the config")
-    records = [r for r in assign_splits(read_manifest(data.manifest), val_fraction=data.val_fraction, seed=config.train.seed) if r.label]
-    classes = resolve_classes(records, data.classes)
-    items = labelled_items([r for r in records if r.split == "train"], classes)
+    data = prepare_data(config, read_records(config))  # the run's classes and training split, as medtl train has them
+    if not isinstance(data.task, SingleLabel):
+        raise ValueError(f"medtl rank scores class labels (LogME); task.type={data.task.name} is not single-label")
+    classes = data.classes
+    items = labelled_items(data.parts["train"], classes)
     if len(items) > args.limit:
         items, _ = train_test_split(items, train_size=args.limit, stratify=[i["label"] for i in items], random_state=0)
-    pre = make_preprocessing(
-        spatial_dims=data.spatial_dims,
-        image_size=data.image_size or 224,
-        channels=config.model.in_channels,
-        intensity=data.intensity,
-        ct_window=data.ct_window,
-        normalization={"kind": "mean_std", "mean": 0.0, "std": 1.0},
-    )
+    pre = preprocessing(config, image_size=config.data.image_size or 224, normalization=UNNORMALISED)  # candidates normalise
     load = Compose(deterministic_transforms(pre))
     images = torch.stack([torch.as_tensor(load(dict(item))["image"]).float() for item in tqdm(items, desc="loading", unit="scan")])
     labels = np.array([item["label"] for item in items])
@@ -63,10 +56,11 @@ def run(args: argparse.Namespace) -> int:
         parse_candidates(args.backbones, config.model.weights),
         (images, labels),
         in_channels=config.model.in_channels,
-        spatial_dims=data.spatial_dims,
+        spatial_dims=config.data.spatial_dims,
         batch_size=args.batch_size,
         device=resolve_device(config.train.device),
         allow_mismatch=config.model.allow_mismatch,
+        inflation=config.model.inflation,
     )
     print(f"LogME on {len(items)} training scans ({len(classes)} classes); higher transfers better:")
     for rank, score in enumerate(scores, 1):

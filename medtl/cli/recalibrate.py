@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-METHODS = ("auto", "intercept", "logistic", "temperature", "vector", "matrix", "platt", "isotonic", "beta")
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -21,9 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", type=Path, help="Bundle folder to start from.")
     p.add_argument("local", type=Path, help="Manifest CSV of labelled local scans (image,label).")
     p.add_argument("--out", type=Path, required=True, help="Folder for the new bundle (must not exist).")
-    p.add_argument("--method", choices=METHODS, default="auto",
-                   help="intercept: calibration-in-the-large; logistic: slope and intercept on the bundle's calibrated "
-                   "log-odds; or refit a calibrator on the raw logits. auto (default): fewer than 10 scans of the rarer "
+    p.add_argument("--method", default="auto", metavar="NAME",
+                   help="A local update of the bundle's calibrator (medtl.calibrate.LOCAL_UPDATES; intercept: "
+                   "calibration-in-the-large, logistic: slope and intercept on its calibrated log-odds), or any "
+                   "calibration method (medtl.calibrate.CALIBRATORS) refitted on the raw logits. auto (default): fewer than 10 scans of the rarer "
                    "class: intercept; 10-99: logistic; 100 or more: the bundle's own method.")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--operating-point", default=None, metavar="RULE",

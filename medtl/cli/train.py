@@ -60,7 +60,8 @@ def _summary(outcome) -> str:
     calibrated = outcome.metrics.get("calibrated", {})
     if "auroc" in calibrated:
         auc = calibrated["auroc"]
-        lines.append(f"AUROC {auc['auc']:.4f} (95% CI {auc['ci'][0]:.4f}-{auc['ci'][1]:.4f}) on the {t['evaluated_on']} split")
+        ci = f"95% CI {auc['ci'][0]:.4f}-{auc['ci'][1]:.4f}" if auc.get("ci") else "no CI: too few scans of a class"
+        lines.append(f"AUROC {auc['auc']:.4f} ({ci}) on the {t['evaluated_on']} split")
     ece = {k: outcome.metrics.get(k, {}).get("calibration", {}).get("ece", {}).get("value") for k in ("uncalibrated", "calibrated")}
     if None not in ece.values():
         lines.append(f"calibration {t['calibration']}: ECE {ece['uncalibrated']:.4f} -> {ece['calibrated']:.4f}")

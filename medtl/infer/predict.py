@@ -4,7 +4,8 @@ Re-running the same command skips scans already in the output (matched by name a
 :func:`~medtl.infer.batch.quick_fingerprint`) and appends the rest.  Under ``torchrun`` each
 rank predicts its share of the scans into its own part file and rank 0 merges the parts, in
 input order, into the output.  With ``tta`` each scan is also predicted shifted a few pixels,
-and the spread across those views decides the uncertainty flag; with ``cam_dir`` a Grad-CAM
+and the spread across those views decides the uncertainty flag; without it, an ensemble bundle's
+members vote, and a scan on which their decisions differ is uncertain; with ``cam_dir`` a Grad-CAM
 overlay is written per scan before its row, so a resumed run never lacks one.  A scan that
 cannot be read, or whose model output is not finite, goes to the errors file; the run goes on.
 
@@ -26,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from scipy.special import log_softmax
 from tqdm.auto import tqdm
 
+from medtl.backbones import pool_members
 from medtl.bundle import Predictor
 from medtl.bundle.reference import LEVEL, Reservoir, scan_features
 from medtl.infer.autobatch import auto_batch_size
@@ -59,12 +62,33 @@ class PredictSummary:
 
 def uncertain(predictor: Predictor, probs: np.ndarray, band: float | np.ndarray) -> np.ndarray:
     """Flag predictions near the decision boundary: within ``band`` of the operating threshold
-    (binary), or a top-two probability margin below ``band`` (multi-class).  ``band`` may be
-    one value per scan (e.g. from the test-time-augmentation spread)."""
-    if predictor.operating_point is not None and predictor.positive_index is not None:
-        return np.abs(probs[:, predictor.positive_index] - predictor.operating_point.threshold) < band
-    top2 = np.sort(probs, axis=1)[:, -2:]
-    return (top2[:, 1] - top2[:, 0]) < band
+    (binary; multi-label: of any finding's threshold), or a top-two probability margin below
+    ``band`` (multi-class).  ``band`` may be one value per scan (e.g. from the test-time-augmentation spread)."""
+    return predictor.task.uncertain(probs, predictor.operating_point, band)
+
+
+def member_votes(predictor: Predictor, members: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For member logits ``(K, B, C)`` and the pooled calibrated probabilities ``(B, C)``: per
+    scan, whether the members' own calibrated decisions differ, and the standard deviation across
+    members of the probability that decides (the positive class, or the pooled most probable
+    class).  Each member is calibrated with the bundle's calibrator, which was fitted on single
+    members' out-of-fold outputs."""
+    k, b, c = members.shape
+    member_probs = predictor.calibrate(log_softmax(members.reshape(-1, c), axis=1)).reshape(k, b, c)
+    decisions = np.stack([predictor.decide(p) for p in member_probs])
+    column = np.full(b, predictor.positive_index) if predictor.positive_index is not None else probs.argmax(axis=1)
+    return (decisions != decisions[0]).any(axis=0), member_probs[:, np.arange(b), column].std(axis=0)
+
+
+def _forward(predictor: Predictor, images: torch.Tensor, tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The batch's logits (``(B, views, C)`` with ``tta``) and, for an ensemble without ``tta``,
+    its members' logits ``(K, B, C)`` (one pass: the pooled logits are computed from them)."""
+    if tta:
+        return tta_logits(predictor, images), None
+    if predictor.n_members == 1:
+        return predictor.logits(images), None
+    members = predictor.member_logits(images)
+    return pool_members(torch.from_numpy(members), predictor.model.combine).numpy(), members
 
 
 def _rank_world() -> tuple[int, int]:
@@ -95,26 +119,33 @@ def _part(path: Path, rank: int, world: int) -> Path:
 
 
 def _rows(predictor: Predictor, names: list[str], logits: np.ndarray, band: float, fingerprints: list[str],
-          features: np.ndarray | None = None) -> list[dict]:
+          features: np.ndarray | None = None, members: np.ndarray | None = None) -> list[dict]:
     """Output rows for a batch of logits ``(B, C)``, or ``(B, views, C)`` with test-time
     augmentation (then probabilities are the views' mean and ``tta_std`` their spread); with
-    ``features`` also the out-of-distribution score and its p-value."""
+    ``features`` also the out-of-distribution score and its p-value; with an ensemble's
+    ``members`` logits ``(K, B, C)`` a ``member_std`` column, and members that disagree make
+    the scan uncertain."""
+    spread = member_spread = None
     if logits.ndim == 3:
         probs, spread = tta_probabilities(predictor, logits)
         flags = uncertain(predictor, probs, TTA_MARGIN * spread)
     else:
-        probs, spread = predictor.calibrate(logits), None
+        probs = predictor.calibrate(logits)
         flags = uncertain(predictor, probs, band)
+        if members is not None:
+            disagree, member_spread = member_votes(predictor, members, probs)
+            flags = flags | disagree
     decisions = predictor.decide(probs)
     if features is not None:
         distances = predictor.reference.distances(features)
         pvalues = predictor.reference.pvalues(distances)
     rows = []
     for i, name in enumerate(names):
-        row = {"image": name, **{f"prob_{c}": round(float(p), 6) for c, p in zip(predictor.classes, probs[i])}}
-        row.update(pred=predictor.classes[int(decisions[i])], uncertain=int(flags[i]))
+        row = {"image": name, **predictor.task.row(probs[i], decisions[i]), "uncertain": int(flags[i])}
         if spread is not None:
             row["tta_std"] = round(float(spread[i]), 6)
+        if member_spread is not None:
+            row["member_std"] = round(float(member_spread[i]), 6)
         if features is not None:
             row.update(ood_distance=round(float(distances[i]), 4), ood_p=round(float(pvalues[i]), 6))
         rows.append({**row, "fingerprint": fingerprints[i]})
@@ -149,8 +180,9 @@ def predict_scans(
     paths, root = gather_inputs(source)
     names = [_display_name(p, root) for p in paths]
     check = shift_check and predictor.reference is not None
-    columns = ["image", *[f"prob_{c}" for c in predictor.classes], "pred", "uncertain", *(["tta_std"] if tta else []),
-               *(["ood_distance", "ood_p"] if check else []), "fingerprint"]
+    votes = predictor.n_members > 1 and not tta
+    columns = ["image", *predictor.task.columns(), "uncertain", *(["tta_std"] if tta else []),
+               *(["member_std"] if votes else []), *(["ood_distance", "ood_p"] if check else []), "fingerprint"]
 
     done_rows = read_rows(out, fmt) if world > 1 else []
     for other in range(world):
@@ -169,7 +201,6 @@ def predict_scans(
     table = ResultTable(_part(out, rank, world), columns, fmt)
     fingerprints = dict(todo)
     cams = CamWriter(predictor, cam_dir) if cam_dir is not None else None
-    forward = (lambda images: tta_logits(predictor, images)) if tta else predictor.logits
     if batch_size == "auto":
         batch_size = auto_batch_size(predictor, len(todo))
     failures: list[tuple[str, str]] = []
@@ -180,7 +211,7 @@ def predict_scans(
         for batch in load_batches(predictor, [p for p, _ in todo], batch_size=int(batch_size), num_workers=num_workers):
             failed, bar_step = list(batch.failed), len(batch.paths) + len(batch.failed)
             if batch.images is not None:
-                logits = forward(batch.images)
+                logits, members = _forward(predictor, batch.images, tta)
                 keep, bad = split_finite(batch.paths, logits)
                 failed += bad
                 paths_ok = [p for p, ok in zip(batch.paths, keep) if ok]
@@ -192,7 +223,7 @@ def predict_scans(
                     sample.add(features)
                 if good:
                     table.append(_rows(predictor, good, logits[keep], uncertain_band, [fingerprints[p] for p in paths_ok],
-                                       features))
+                                       features, None if members is None else members[:, keep]))
             for path, reason in failed:
                 log.warning("skipped %s: %s", _display_name(path, root), reason)
                 failures.append((_display_name(path, root), reason))

@@ -39,11 +39,14 @@ def tta_logits(predictor: Predictor, images: torch.Tensor) -> np.ndarray:
 
 def tta_probabilities(predictor: Predictor, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean calibrated probabilities over the views ``(B, classes)`` and, per scan, the standard
-    deviation across views of the probability that decides: the positive class (binary) or
-    the most probable class."""
+    deviation across views of the probability that decides: the positive class (binary), the
+    most probable class (multi-class), or the largest over the outputs (each finding or head
+    decides on its own)."""
     batch, n_views, n_classes = logits.shape
     probs = predictor.calibrate(logits.reshape(-1, n_classes)).reshape(batch, n_views, n_classes)
     mean = probs.mean(axis=1)
+    if predictor.task.report_layout != "single":
+        return mean, probs.std(axis=1).max(axis=1)
     column = (
         np.full(batch, predictor.positive_index) if predictor.positive_index is not None else mean.argmax(axis=1)
     )

@@ -8,7 +8,7 @@ from medtl.io.inventory import COLUMNS as INVENTORY_COLUMNS
 from medtl.io.inventory import inventory, unreadable_scans, write_inventory
 from medtl.io.manifest import ManifestError, ScanRecord, assign_splits, read_manifest
 from medtl.io.readers import LoadScand, ScanReader, scan_kind
-from medtl.io.synthetic import write_synthetic, write_synthetic_3d
+from medtl.io.synthetic import write_synthetic, write_synthetic_3d, write_synthetic_multilabel
 
 __all__ = [
     "DicomReader",
@@ -30,4 +30,5 @@ __all__ = [
     "write_inventory",
     "write_synthetic",
     "write_synthetic_3d",
+    "write_synthetic_multilabel",
 ]

@@ -10,7 +10,8 @@ sites differ the way real sites do:
   single-slice NIfTI (96 x 96).
 
 The held-out ``test/`` folder holds DICOM files of other patients from both sites, site B's as
-MONOCHROME1 (stored inverted), with ``test/labels.csv``.  Patient names and IDs in the DICOM
+MONOCHROME1 (stored inverted), with ``test/labels.csv``.  :func:`write_synthetic_multilabel` writes
+the same sites with several overlapping findings per scan (opacity, effusion, cardiomegaly).  Patient names and IDs in the DICOM
 headers are synthetic; medtl never copies them into its outputs.  Deterministic by ``seed``.
 """
 
@@ -32,8 +33,11 @@ DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 _SLOPE, _INTERCEPT = 0.5, 100.0
 
 
-def chest_phantom(rng: np.random.Generator, size: int, opacity: bool) -> np.ndarray:
-    """A (size, size) float image in [0, 1], rows top to bottom; bright = dense."""
+def chest_phantom(rng: np.random.Generator, size: int, opacity: bool, *, effusion: bool = False,
+                  cardiomegaly: bool = False) -> np.ndarray:
+    """A (size, size) float image in [0, 1], rows top to bottom; bright = dense.  ``effusion``
+    fills the base of one lung with fluid density; ``cardiomegaly`` widens the heart shadow (both
+    draw no random numbers when off, so the plain phantom's stream is unchanged)."""
     y, x = np.mgrid[0:size, 0:size] / size
 
     def ellipse(cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
@@ -51,7 +55,8 @@ def chest_phantom(rng: np.random.Generator, size: int, opacity: bool) -> np.ndar
         img[lung] = 0.18
     ribs = 0.06 * (np.sin(2 * np.pi * (y * (9 + jitter(1)) + 0.3 * np.abs(x - 0.5))) > 0.6)
     img += ribs * (lungs[0] | lungs[1])
-    img[ellipse(0.62 + jitter(0.02), 0.54 + jitter(0.02), 0.14, 0.11 + jitter(0.02))] = 0.72
+    heart = 1.6 if cardiomegaly else 1.0
+    img[ellipse(0.62 + jitter(0.02), 0.54 + jitter(0.02), 0.14 * heart ** 0.5, (0.11 + jitter(0.02)) * heart)] = 0.72
     img[(np.abs(x - 0.5) < 0.035) & (y > 0.1)] = 0.68
     if opacity:
         lung = lungs[int(rng.integers(2))]
@@ -59,16 +64,21 @@ def chest_phantom(rng: np.random.Generator, size: int, opacity: bool) -> np.ndar
         sigma = rng.uniform(0.05, 0.09)
         blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * sigma**2))
         img += rng.uniform(0.3, 0.45) * blob * ndimage.gaussian_filter(lung.astype(float), size * 0.03)
+    if effusion:
+        lung = lungs[int(rng.integers(2))]
+        rows = np.flatnonzero(lung.any(axis=1))
+        level = rows[-1] - rng.uniform(0.25, 0.4) * (rows[-1] - rows[0])  # a meniscus over the lung base
+        img[lung & (y * size >= level)] = 0.5
     img = ndimage.gaussian_filter(img, size * 0.012)
     return np.clip(img + rng.normal(0, 0.01, img.shape), 0, 1)
 
 
-def _site_image(rng: np.random.Generator, site: str, opacity: bool) -> np.ndarray:
-    """The phantom as site ``site`` acquires it, in [0, 1]."""
+def _site_image(rng: np.random.Generator, site: str, opacity: bool, **findings: bool) -> np.ndarray:
+    """The phantom as site ``site`` acquires it, in [0, 1] (``findings``: of :func:`chest_phantom`)."""
     if site == "A":
-        img = chest_phantom(rng, 128, opacity)
+        img = chest_phantom(rng, 128, opacity, **findings)
         return np.clip(img + rng.normal(0, 0.025, img.shape), 0, 1)
-    img = chest_phantom(rng, 64, opacity) ** 0.6  # gamma-compressed detector, lower resolution
+    img = chest_phantom(rng, 64, opacity, **findings) ** 0.6  # gamma-compressed detector, lower resolution
     img = ndimage.zoom(img, 96 / 64, order=1)
     return np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1)
 
@@ -122,6 +132,22 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def _write_scan(out: Path, rng: np.random.Generator, site: str, patient: str, visit: int, image: np.ndarray, seed: int) -> str:
+    """Write one training scan as its site stores them (A: DICOM; B: PNG, a quarter NIfTI); its manifest name."""
+    if site == "A":
+        name = f"site_a/{patient}_{visit}.dcm"
+        write_dicom(out / name, image, patient=patient, uid_seed=f"{seed}-{patient}-{visit}")
+    elif rng.random() < 0.25:
+        name = f"site_b/{patient}_{visit}.nii.gz"
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        _write_nifti(out / name, image)
+    else:
+        name = f"site_b/{patient}_{visit}.png"
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(out / name)
+    return name
+
+
 def write_synthetic(out: str | Path, *, seed: int = 0, patients_per_site: int = 110, test_per_site: int = 50,
                     prevalence: float = 0.4) -> dict[str, Path]:
     """Write the data set under ``out``; returns the paths of ``manifest``, ``test_dir`` and
@@ -135,17 +161,7 @@ def write_synthetic(out: str | Path, *, seed: int = 0, patients_per_site: int = 
             label = CLASSES[int(rng.random() < prevalence)]
             for visit in range(1 + int(rng.random() < 0.3)):
                 image = _site_image(rng, site, label == "opacity")
-                if site == "A":
-                    name = f"site_a/{patient}_{visit}.dcm"
-                    write_dicom(out / name, image, patient=patient, uid_seed=f"{seed}-{patient}-{visit}")
-                elif rng.random() < 0.25:
-                    name = f"site_b/{patient}_{visit}.nii.gz"
-                    (out / name).parent.mkdir(parents=True, exist_ok=True)
-                    _write_nifti(out / name, image)
-                else:
-                    name = f"site_b/{patient}_{visit}.png"
-                    (out / name).parent.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(np.round(image * 255).astype(np.uint8)).save(out / name)
+                name = _write_scan(out, rng, site, patient, visit, image, seed)
                 rows.append({"image": name, "label": label, "site": site, "patient_id": patient})
         for p in range(test_per_site):
             patient = f"T{site}{p:04d}"
@@ -154,6 +170,54 @@ def write_synthetic(out: str | Path, *, seed: int = 0, patients_per_site: int = 
             write_dicom(out / "test" / name, _site_image(rng, site, label == "opacity"), patient=patient,
                         uid_seed=f"{seed}-{patient}", monochrome1=site == "B")
             test_rows.append({"image": name, "label": label, "site": site})
+    _write_csv(out / "manifest.csv", rows)
+    _write_csv(out / "test" / "labels.csv", test_rows)
+    return {"manifest": out / "manifest.csv", "test_dir": out / "test", "test_labels": out / "test" / "labels.csv"}
+
+
+FINDINGS = ("opacity", "effusion", "cardiomegaly")
+UNREPORTED_AT_B = 0.2  # share of site B's scans whose report does not mention effusion (an unknown cell)
+
+
+def _findings(rng: np.random.Generator) -> dict[str, bool]:
+    """Overlapping findings: opacity 35 %, cardiomegaly 20 %, effusion 15 % alone and 50 % with cardiomegaly."""
+    cardiomegaly = rng.random() < 0.2
+    return {"opacity": rng.random() < 0.35, "effusion": rng.random() < (0.5 if cardiomegaly else 0.15), "cardiomegaly": cardiomegaly}
+
+
+def _finding_cells(rng: np.random.Generator, site: str, findings: dict[str, bool]) -> dict[str, str]:
+    """Manifest cells: 1 / 0, and blank (unknown) for effusion on a share of site B's scans."""
+    cells = {name: str(int(present)) for name, present in findings.items()}
+    if site == "B" and rng.random() < UNREPORTED_AT_B:
+        cells["effusion"] = ""
+    return cells
+
+
+def write_synthetic_multilabel(out: str | Path, *, seed: int = 0, patients_per_site: int = 110,
+                               test_per_site: int = 50) -> dict[str, Path]:
+    """The two-site data set with several findings per scan (:data:`FINDINGS`: opacity, effusion,
+    cardiomegaly, overlapping): ``manifest.csv`` has one 0/1 column per finding, blank where site
+    B's report did not mention effusion (unknown); ``test/labels.csv`` the same for the held-out
+    DICOM files.  Returns the paths as :func:`write_synthetic` does."""
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    rows, test_rows = [], []
+    for site in ("A", "B"):
+        for p in range(patients_per_site):
+            patient = f"{site}{p:04d}"
+            for visit in range(1 + int(rng.random() < 0.3)):
+                findings = _findings(rng)
+                image = _site_image(rng, site, findings["opacity"], effusion=findings["effusion"],
+                                    cardiomegaly=findings["cardiomegaly"])
+                name = _write_scan(out, rng, site, patient, visit, image, seed)
+                rows.append({"image": name, **_finding_cells(rng, site, findings), "site": site, "patient_id": patient})
+        for p in range(test_per_site):
+            patient = f"T{site}{p:04d}"
+            findings = _findings(rng)
+            name = f"{patient}.dcm"
+            image = _site_image(rng, site, findings["opacity"], effusion=findings["effusion"], cardiomegaly=findings["cardiomegaly"])
+            write_dicom(out / "test" / name, image, patient=patient, uid_seed=f"{seed}-{patient}", monochrome1=site == "B")
+            test_rows.append({"image": name, **{k: str(int(v)) for k, v in findings.items()}, "site": site})
     _write_csv(out / "manifest.csv", rows)
     _write_csv(out / "test" / "labels.csv", test_rows)
     return {"manifest": out / "manifest.csv", "test_dir": out / "test", "test_labels": out / "test" / "labels.csv"}

@@ -232,14 +232,19 @@ def _macro(
     n_resamples: int,
     seed: int,
     stratified: bool,
+    known: np.ndarray | None = None,
 ) -> tuple[dict[str, AucResult], BootstrapResult]:
+    """Per-column AUROCs (DeLong) and their macro mean (weighted bootstrap); ``known`` (N, K):
+    the cells that count, each column's AUROC over its known cases only."""
+    known = np.ones(positives.shape, dtype=bool) if known is None else known
     per_class = {
-        name: roc_auc(positives[:, k], scores[:, k], positive=True, conf_level=conf_level) for k, name in enumerate(names)
+        name: roc_auc(positives[known[:, k], k], scores[known[:, k], k], positive=True, conf_level=conf_level)
+        for k, name in enumerate(names)
     }
     estimate = float(np.mean([r.auc for r in per_class.values()]))
 
     def macro(w: np.ndarray) -> np.ndarray:
-        return np.mean([auc_weighted(positives[:, k], scores[:, k], w) for k in range(len(names))], axis=0)
+        return np.mean([auc_weighted(positives[:, k], scores[:, k], w * known[:, k]) for k in range(len(names))], axis=0)
 
     boot = bootstrap_weighted(
         macro, strata, estimate, n_resamples=n_resamples, seed=seed, stratified=stratified, conf_level=conf_level
@@ -287,22 +292,28 @@ def roc_auc_multilabel(
     seed: int = 0,
 ) -> MultiAucResult:
     """Multi-label AUROC: one AUROC per label column (DeLong CI each) and their macro mean with a
-    bootstrap CI stratified on the label combination of each case."""
+    bootstrap CI stratified on the label combination of each case.
+
+    ``y_true`` holds 0/1 indicators, NaN where a label is unknown: each label's AUROC is over the
+    cases where it is known, and a resample weighs each label's known cases only."""
     conf_level = conf_level_ok(conf_level)
     s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(y_true)
+    y = np.asarray(y_true, dtype=np.float64)
     if s.ndim != 2 or y.shape != s.shape:
         raise ValueError(f"y_true and scores must both have shape (N, L); got {y.shape} and {s.shape}")
     if not np.all(np.isfinite(s)):
         raise ValueError("scores contains NaN or infinite values")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError("multi-label y_true must hold 0/1 indicators")
+    known = ~np.isnan(y)
+    if not np.isin(y[known], (0, 1)).all():
+        raise ValueError("multi-label y_true must hold 0/1 indicators (NaN: unknown)")
     names = label_names or [str(k) for k in range(s.shape[1])]
+    strata = np.where(known, y, -1).astype(np.int64)
     per_label, macro = _macro(
-        y.astype(bool), s, names, y, conf_level=conf_level, n_resamples=n_resamples, seed=seed, stratified=True
+        y == 1, s, names, strata, conf_level=conf_level, n_resamples=n_resamples, seed=seed, stratified=True, known=known
     )
     return MultiAucResult(
         per_label,
         macro,
-        "macro average of per-label AUROCs (DeLong CI per label; percentile bootstrap CI stratified on label combinations)",
+        "macro average of per-label AUROCs over the cases where each label is known (DeLong CI per label; percentile "
+        "bootstrap CI stratified on label combinations)",
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 from medtl.config import Config
 from medtl.recipe.fingerprint import Fingerprint
+from medtl.registry import TASKS
 
 NATIVE_MAX_SIDE = 64      # images up to this side train at their own size (MedMNIST-like thumbnails)
 MAX_SIDE_2D = 224         # larger 2D scans are resized to at most this (the ImageNet input size)
@@ -127,11 +128,15 @@ def resolve_recipe(config: Config, fp: Fingerprint) -> tuple[Config, list[Choice
         weights = r.choose("model.weights", "none", f"trained from scratch: {why}")
     scratch = weights == "none"
 
-    folds = r.choose("train.folds", CV_FOLDS if fp.scans <= CV_MAX_SCANS and fp.minority >= 2 * CV_FOLDS else 1,
-                     f"{fp.scans} labelled scans (at most {CV_MAX_SCANS}) and {fp.minority} in the rarest class: a "
-                     f"{CV_FOLDS}-fold cross-validation ensemble; every scan serves selection and calibration once"
-                     if fp.scans <= CV_MAX_SCANS and fp.minority >= 2 * CV_FOLDS
-                     else f"{fp.scans} labelled scans: one model on a validation split large enough to calibrate on")
+    cv = fp.scans <= CV_MAX_SCANS and fp.minority >= 2 * CV_FOLDS
+    task = config.task.type
+    if task != "auto" and not TASKS[task].ensembles:
+        folds = r.choose("train.folds", 1, f"task.type={task}: one model (ensembles pool single-label outputs)")
+    else:
+        folds = r.choose("train.folds", CV_FOLDS if cv else 1,
+                         f"{fp.scans} labelled scans (at most {CV_MAX_SCANS}) and {fp.minority} in the rarest class: a "
+                         f"{CV_FOLDS}-fold cross-validation ensemble; every scan serves selection and calibration once"
+                         if cv else f"{fp.scans} labelled scans: one model on a validation split large enough to calibrate on")
     volume = math.prod(size) if size else 0
     batch = r.choose("train.batch_size", 32 if dims == 2 else (16 if volume <= 64**3 else 4),
                      "32 images per step in 2D" if dims == 2 else f"volumes of {volume} voxels")
@@ -155,6 +160,12 @@ def resolve_recipe(config: Config, fp: Fingerprint) -> tuple[Config, list[Choice
     r.choose("train.class_weighted", False,
              f"class imbalance {fp.imbalance:.1f}:1 is left to calibration and the operating point "
              "(loss weighting would distort the probabilities)")
+    if task != "auto" and TASKS[task].report_layout != "single":  # several outputs, each calibrated and decided on its own
+        r.choose("calibration.method", "auto", f"task.type={task}: each output's own default (Platt for a binary output or "
+                 "finding, temperature for a multi-class head)")
+        r.choose("operating_point.method", "youden", f"task.type={task}: each binary output's threshold by Youden's J on the "
+                 "scans where it is known, so a rare finding's sensitivity is not given up (multi-class heads: argmax)")
+        return r.resolved(), r.choices
     binary = fp.classes == 2
     method = "platt" if binary and fp.minority >= MIN_EVENTS_PLATT else "temperature"
     r.choose("calibration.method", method,

@@ -64,3 +64,4 @@ def write_report(
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=False), encoding="utf-8")
     (out / "report.html").write_text(render_page(summary, images, title=title), encoding="utf-8")
     return summary
+

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,30 +20,10 @@ from medtl.train.distributed import rank, world_size
 from medtl.transforms import recipe_key
 
 
-def resolve_classes(records: Sequence[ScanRecord], configured: Sequence[str] | None = None) -> list[str]:
-    """The class order: the configured list, else the sorted label names found."""
-    found = sorted({r.label for r in records if r.label})
-    if configured:
-        unknown = sorted(set(found) - set(configured))
-        if unknown:
-            raise ValueError(f"labels {unknown} are not in data.classes {list(configured)}")
-        return list(configured)
-    if len(found) < 2:
-        raise ValueError(f"need at least two classes to train, found {found}")
-    return found
-
-
 def labelled_items(records: Sequence[ScanRecord], classes: Sequence[str]) -> list[dict]:
     """MONAI-style item dicts ``{"image": path, "label": index}`` for labelled records."""
     index = {name: i for i, name in enumerate(classes)}
     return [{"image": str(r.image), "label": index[r.label]} for r in records if r.label]
-
-
-def class_weights(items: Sequence[dict], num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, normalised to mean 1 over the classes present."""
-    counts = Counter(item["label"] for item in items)
-    weights = torch.tensor([len(items) / (num_classes * counts[c]) if counts[c] else 0.0 for c in range(num_classes)])
-    return weights
 
 
 def default_cache_dir() -> Path:

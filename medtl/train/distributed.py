@@ -9,18 +9,35 @@ single process, so the same code runs with and without ``torchrun``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+T = TypeVar("T")
+R = TypeVar("R")
+_alone = False  # inside solo(): this rank works on a model of its own
+
 
 def is_distributed() -> bool:
-    """True inside an initialised process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside an initialised process group of more than one process, outside :func:`solo`."""
+    return not _alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def solo() -> Iterator[None]:
+    """Inside the block this rank works alone: every helper here answers as for a single process
+    (no gradient averaging, no sharded evaluation; it is the main process of its own work), so
+    each rank can train a model of its own.  The process group stays for what follows."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
 
 
 def rank() -> int:
@@ -92,3 +109,25 @@ def gather_sharded(local: torch.Tensor, total: int) -> torch.Tensor:
     parts = [torch.empty_like(local) for _ in range(world_size())]
     dist.all_gather(parts, local.contiguous())
     return torch.stack(parts, dim=1).flatten(0, 1)[:total]
+
+
+def one_per_rank(jobs: Sequence[T], work: Callable[[T], R], *, wait_hours: float = 72.0) -> list[R] | None:
+    """Rank ``k`` runs ``work(jobs[k])`` on its own (inside :func:`solo`); ranks beyond the jobs
+    only wait.  Rank 0 returns every result in job order, the other ranks None.  Needs at least as
+    many ranks as jobs.  The results (picklable, on the CPU) travel to rank 0 over a gloo group
+    whose timeout is ``wait_hours``: a rank that finishes early waits for the slowest job, which
+    may take far longer than the default group's collective timeout."""
+    if len(jobs) > world_size():
+        raise ValueError(f"{len(jobs)} jobs need at least as many ranks; there are {world_size()}")
+    me = rank()
+    if not is_distributed():
+        return [work(job) for job in jobs]
+    group = dist.new_group(backend="gloo", timeout=timedelta(hours=wait_hours))  # before the work: every rank is here
+    result = None
+    if me < len(jobs):
+        with solo():
+            result = work(jobs[me])
+    gathered: list[Any] | None = [None] * world_size() if me == 0 else None
+    dist.gather_object(result, gathered, dst=0, group=group)
+    dist.destroy_process_group(group)
+    return gathered[: len(jobs)] if gathered is not None else None

@@ -1,5 +1,5 @@
-"""A model's logits over a loader, and the uncalibrated probabilities: what training, validation,
-the calibration set and the scripts all need, without a :class:`~medtl.train.Trainer`."""
+"""A model's logits over a loader: what training, validation, the calibration set and the scripts
+all need, without a :class:`~medtl.train.Trainer`."""
 
 from __future__ import annotations
 
@@ -11,11 +11,6 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from medtl.train.distributed import gather_sharded
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Class probabilities from ``(N, C)`` logits, in float64 (the uncalibrated probabilities)."""
-    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
 
 
 @torch.inference_mode()

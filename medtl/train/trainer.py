@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 
 from medtl.adapt import SCORES, DomainTerm, FullFineTuning, target_scores
 from medtl.config import TrainConfig
-from medtl.metrics import auroc_point
+from medtl.tasks import Multiclass, Task
 from medtl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medtl.train.data import sharded, start_epoch
 from medtl.train.distributed import all_reduce_sum, barrier, is_distributed, is_main
-from medtl.train.inference import predict_logits, softmax
+from medtl.train.inference import predict_logits
 from medtl.train.logs import EpochLog
 from medtl.train.memory import checkpoint_blocks, is_2d
 from medtl.train.precision import make_scaler, resolve_amp
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_auroc", "lr", "seconds", "images_per_s")
 DOMAIN_FIELDS = ("domain_loss",)
 POSTFIX_EVERY = 20  # steps between progress-bar updates (each one waits for the device)
+SINGLE_LABEL = Multiclass(())  # the default task: cross-entropy and AUROC, the same for every single-label task
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -130,7 +131,8 @@ class _Objective(nn.Module):
 class Trainer:
     """Fit a classifier with a fine-tuning strategy (and optionally a domain loss); keep the
     best epoch by source validation AUROC or, with ``selection``, a label-free target score
-    (``im``, ``entropy``, ``snd``: see :mod:`medtl.adapt.selection`)."""
+    (``im``, ``entropy``, ``snd``: see :mod:`medtl.adapt.selection`).  ``task`` gives the loss
+    (``loss`` replaces it, e.g. a class-weighted one) and the validation AUROC; default: single-label."""
 
     def __init__(
         self,
@@ -139,7 +141,8 @@ class Trainer:
         cfg: TrainConfig,
         *,
         device: torch.device | None = None,
-        class_weights: torch.Tensor | None = None,
+        task: Task | None = None,
+        loss: nn.Module | None = None,
         domain: DomainTerm | None = None,
         selection: str = "source_val",
     ) -> None:
@@ -163,8 +166,8 @@ class Trainer:
             groups.append({"params": list(self.domain.parameters()), "lr": groups[-1]["lr"], "name": "domain"})
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
         self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        weight = class_weights.to(self.device) if class_weights is not None else None
-        self.loss_fn = nn.CrossEntropyLoss(weight=weight)
+        self.task = task if task is not None else SINGLE_LABEL
+        self.loss_fn = (loss if loss is not None else self.task.loss()).to(self.device)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         self.scaler = make_scaler(self.amp_dtype, self.device)
         self._objective = _Objective(self.model, self.domain, self.loss_fn)
@@ -243,35 +246,48 @@ class Trainer:
         return predict_logits(self.model, loader, self.device, amp_dtype=self.amp_dtype, memory_format=self.memory_format)
 
     def _state(self, progress: _Progress) -> dict:
-        return {
+        """What training continues from.  Once training has finished, only the chosen weights, the
+        result and the random state: the optimizer's moments and a second copy of the weights would
+        make the file that stays in the run folder three to four times the model's size."""
+        finished = progress.stopped or progress.epoch >= self.cfg.epochs
+        state = {
             "epoch": progress.epoch,
-            "step": self._step,
-            "model": self.model.state_dict(),
-            "domain": self.domain.state_dict() if self.domain is not None else {},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "finished": finished,
+            "model": progress.best_state if finished and progress.best_state is not None else self.model.state_dict(),
             "rng": rng_state(),
             "best_key": list(progress.best_key),
-            "best_state": progress.best_state,
             "stale": progress.stale,
             "stopped": progress.stopped,
             "result": asdict(progress.result),
         }
+        if not finished:
+            state.update(step=self._step, domain=self.domain.state_dict() if self.domain is not None else {},
+                         optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), best_state=progress.best_state)
+        return state
 
     def _resume(self, checkpoint: Path | None) -> _Progress:
-        """Model, optimizer, schedule position, random state and early-stopping state from ``checkpoint``."""
+        """Model, optimizer, schedule position, random state and early-stopping state from ``checkpoint``;
+        from the checkpoint of a finished run, the chosen weights and the result (nothing left to train)."""
         if checkpoint is None:
             raise ValueError("resume=True needs the checkpoint file to resume from")
         state = load_checkpoint(checkpoint)
         self.model.load_state_dict(state["model"])
-        if self.domain is not None:
-            self.domain.load_state_dict(state["domain"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.strategy.start_epoch(state["epoch"], self.cfg.epochs)
-        self._step = state["step"]
-        progress = _Progress(FitResult(**state["result"]), tuple(state["best_key"]), state["best_state"], state["stale"],
-                             state["stopped"], state["epoch"])
+        result, best_key = FitResult(**state["result"]), tuple(state["best_key"])
+        if state.get("finished"):
+            if not state["stopped"] and state["epoch"] < self.cfg.epochs:
+                raise ValueError(f"{checkpoint}: training finished after epoch {state['epoch']} and its checkpoint keeps only "
+                                 f"the chosen weights, so it cannot go on to epoch {self.cfg.epochs}; start a new run "
+                                 "(model.weights: bundle:RUN_DIR/bundle continues from these weights)")
+            self.strategy.start_epoch(state["epoch"], self.cfg.epochs)
+            progress = _Progress(result, best_key, None, state["stale"], True, state["epoch"])
+        else:
+            if self.domain is not None:
+                self.domain.load_state_dict(state["domain"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.strategy.start_epoch(state["epoch"], self.cfg.epochs)
+            self._step = state["step"]
+            progress = _Progress(result, best_key, state["best_state"], state["stale"], state["stopped"], state["epoch"])
         set_rng_state(state["rng"])
         log.info("resuming from %s after epoch %d", checkpoint, state["epoch"])
         return progress
@@ -310,7 +326,7 @@ class Trainer:
         train_loss, domain_loss, rate = self._train_epoch(train_loader, schedule, epoch, target)
         logits, labels = self._logits(val_loader)
         val_loss = float(self.loss_fn(torch.as_tensor(logits).to(self.device), torch.as_tensor(labels).to(self.device)))
-        val_auroc = auroc_point(labels, softmax(logits))
+        val_auroc = self.task.score(labels, logits)
         row = {
             "epoch": epoch,
             "train_loss": round(train_loss, 6),

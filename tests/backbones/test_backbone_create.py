@@ -46,7 +46,8 @@ def test_registry_lists_the_required_backbones():
     for required in ["resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "densenet169", "convnext_tiny",
                      "convnext_small", "vit_b_16", "swin_t", "mobilenet_v3_large"] + [f"efficientnet_b{i}" for i in range(5)]:
         assert required in names
-    assert set(list_backbones(3)) == {"resnet10", "resnet18", "resnet34", "resnet50", "resnet18_proj", "resnet34_proj", "densenet121"}
+    assert set(list_backbones(3)) == {"resnet10", "resnet18", "resnet34", "resnet50", "resnet18_proj", "resnet34_proj", "densenet121",
+                                      "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
     assert get_spec("resnet10").dims == 3 and get_spec("resnet18").spatial_dims == (2, 3)
     with pytest.raises(KeyError, match="unknown backbone"):
         get_spec("resnet9000")
