@@ -49,4 +49,4 @@ def test_demo_runs_the_multilabel_pipeline(tmp_path, capsys):
     assert len(rows) == 100 and {f"prob_{f}" for f in FINDINGS} | {f"pred_{f}" for f in FINDINGS} <= set(rows[0])
     metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
     assert set(metrics["per_label"]) == set(FINDINGS)
-    assert f"AUROC {metrics['calibrated']['auroc']['auc']:.4f}" in capsys.readouterr().out
+    assert f"macro AUROC {metrics['calibrated']['auroc']['auc']:.4f}" in capsys.readouterr().out

@@ -55,7 +55,8 @@ def headline(summary: dict) -> str:
     if auroc.get("auc") is None:
         text = "AUROC not estimable (one class only)"
     else:
-        text = f"AUROC {auroc['auc']:.4f} (95% CI {auroc['ci'][0]:.4f}-{auroc['ci'][1]:.4f})"
+        name = "macro AUROC" if summary.get("task") == "multilabel" else "AUROC"
+        text = f"{name} {auroc['auc']:.4f} (95% CI {auroc['ci'][0]:.4f}-{auroc['ci'][1]:.4f})"
     tm = cal.get("threshold_metrics")
     if tm:
         parts = [f"{name} {tm[key]['value']:.1%} ({tm[key]['numerator']}/{tm[key]['denominator']})"
