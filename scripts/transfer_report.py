@@ -8,6 +8,7 @@ conservative CI, ECE before and after calibration, accuracy and training time.
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -110,19 +111,18 @@ def logme_markdown(ranks: Sequence[dict], rows: Sequence[dict]) -> str:
         "| task | labels | seed | LogME order (score) | best AUROC after fine-tuning, same order | LogME's first won |",
         "|---|---|---|---|---|---|",
     ]
-    tally: dict[str, int] = {}
+    tally: Counter[str] = Counter()
     for (task, fraction, seed), group in groups.items():
         order = sorted(group, key=lambda r: r["rank"])
         names = [_candidate(r["backbone"], r["weights"]) for r in order]
         aurocs = [best.get((task, fraction, seed, n)) for n in names]
         known = [a for a in aurocs if a is not None]
         won = "–" if not known or aurocs[0] is None else ("yes" if aurocs[0] == max(known) else "no")
-        tally[won] = tally.get(won, 0) + 1
+        tally[won] += 1
         scored = ", ".join(f"{n} ({r['logme']:.3f})" for n, r in zip(names, order))
         reached = ", ".join("–" if a is None else f"{a:.3f}" for a in aurocs)
         parts.append(f"| {task} | {fraction:.0%} | {seed} | {scored} | {reached} | {won} |")
-    decided = tally.get("yes", 0) + tally.get("no", 0)
-    parts += ["", f"LogME's first candidate won {tally.get('yes', 0)} of the {decided} cells where it was fine-tuned."]
+    parts += ["", f"LogME's first candidate won {tally['yes']} of the {tally['yes'] + tally['no']} cells where it was fine-tuned."]
     return "\n".join(parts + [""])
 
 
