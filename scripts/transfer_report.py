@@ -117,12 +117,14 @@ def logme_markdown(ranks: Sequence[dict], rows: Sequence[dict]) -> str:
         names = [_candidate(r["backbone"], r["weights"]) for r in order]
         aurocs = [best.get((task, fraction, seed, n)) for n in names]
         known = [a for a in aurocs if a is not None]
-        won = "–" if not known or aurocs[0] is None else ("yes" if aurocs[0] == max(known) else "no")
+        # a pick needs a choice: LogME's first fine-tuned, and at least one other candidate beside it
+        won = "–" if len(known) < 2 or aurocs[0] is None else ("yes" if aurocs[0] == max(known) else "no")
         tally[won] += 1
         scored = ", ".join(f"{n} ({r['logme']:.3f})" for n, r in zip(names, order))
         reached = ", ".join("–" if a is None else f"{a:.3f}" for a in aurocs)
         parts.append(f"| {task} | {fraction:.0%} | {seed} | {scored} | {reached} | {won} |")
-    parts += ["", f"LogME's first candidate won {tally['yes']} of the {tally['yes'] + tally['no']} cells where it was fine-tuned."]
+    counted = tally["yes"] + tally["no"]
+    parts += ["", f"LogME's first candidate won {tally['yes']} of the {counted} cells where it and another candidate were fine-tuned."]
     return "\n".join(parts + [""])
 
 

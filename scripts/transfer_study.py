@@ -309,10 +309,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not methods:
                     continue
                 cached = args.work / "logme" / f"{task.name}_frac{fraction:g}_seed{seed}.json"
-                if not cached.is_file():
+                scores = json.loads(cached.read_text()) if cached.is_file() else []
+                if not {(s["backbone"], s["weights"]) for s in scores} >= {(m.backbone, m.source) for m in task.methods}:
+                    # not cached yet, or cached by a run that chose fewer candidates
+                    scores = logme_scores(task, fraction, seed, manifest, weights)
                     cached.parent.mkdir(parents=True, exist_ok=True)
-                    cached.write_text(json.dumps(logme_scores(task, fraction, seed, manifest, weights)))
-                ranks += json.loads(cached.read_text())
+                    cached.write_text(json.dumps(scores))
+                ranks += scores
                 for method in methods:
                     row = run_cell(task, method, fraction, seed, manifest, n_train, args, weights)
                     rows.append(row)
