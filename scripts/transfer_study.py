@@ -192,9 +192,14 @@ def run_cell(task: Task, method: Method, fraction: float, seed: int, manifest: P
     }
 
 
+def logme_candidates(task: Task) -> list[tuple[str, str, str]]:
+    """The distinct starting points of the task's recipes: (backbone, weight source, inflation)."""
+    return list(dict.fromkeys((m.backbone, m.source, m.inflation) for m in task.methods))
+
+
 def logme_scores(task: Task, fraction: float, seed: int, manifest: Path, weights: dict) -> list[dict]:
     """LogME of each candidate backbone's frozen features on this subset's training images, before any fine-tuning."""
-    candidates = list(dict.fromkeys((m.backbone, m.source, m.inflation) for m in task.methods))
+    candidates = logme_candidates(task)
     config = load_config(CONFIGS / task.methods[0].config, [f"data.manifest={manifest}"])
     pre = preprocessing(config, image_size=task.image_size, normalization=UNNORMALISED)  # rank_backbones normalises
     load = Compose(deterministic_transforms(pre))
@@ -310,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 cached = args.work / "logme" / f"{task.name}_frac{fraction:g}_seed{seed}.json"
                 scores = json.loads(cached.read_text()) if cached.is_file() else []
-                if not {(s["backbone"], s["weights"]) for s in scores} >= {(m.backbone, m.source) for m in task.methods}:
+                if not {(s["backbone"], s["weights"]) for s in scores} >= {(b, source) for b, source, _ in logme_candidates(task)}:
                     # not cached yet, or cached by a run that chose fewer candidates
                     scores = logme_scores(task, fraction, seed, manifest, weights)
                     cached.parent.mkdir(parents=True, exist_ok=True)
